@@ -1,0 +1,361 @@
+"""EfficientNet-B0..B7 (Tan & Le, 2019, arXiv:1905.11946) in one file.
+
+Depends on torch and the Python standard library only: copy this file into another project and
+`create_model("b0")` works. Everything is derived from the two tables below.
+
+    model = create_model("b3", num_classes=1000)            # random init (TF/timm scheme)
+    model.load_state_dict(convert_state_dict(torch.load("tv_or_timm_weights.pth"), model))
+
+Public weights: torchvision's B5-B7 were trained with BatchNorm eps 1e-3 / momentum 0.01, so build
+those with `create_model("b5", bn_eps=1e-3, bn_momentum=0.01)` before loading them; B0-B4 and timm's
+`efficientnet_bX` use PyTorch's default 1e-5 / 0.1, which is also this file's default.
+"""
+import math
+import re
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# The B0 network, one row per stage. Only the first block of a stage has the stage's stride and
+# input width; the others have stride 1 and in == out.
+B0_STAGES = [
+    # expand, kernel, stride, in, out, repeats
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+]
+B0_STEM = 32
+B0_HEAD = 1280
+
+
+class Scaling(NamedTuple):
+    width: float  # channel multiplier
+    depth: float  # repeats multiplier
+    resolution: int  # train and eval image size
+    dropout: float  # before the classifier
+
+
+# Compound scaling of the family (the paper's Table 1 members; timm / torchvision use the same values).
+SCALING = {
+    "b0": Scaling(1.0, 1.0, 224, 0.2),
+    "b1": Scaling(1.0, 1.1, 240, 0.2),
+    "b2": Scaling(1.1, 1.2, 260, 0.3),
+    "b3": Scaling(1.2, 1.4, 300, 0.3),
+    "b4": Scaling(1.4, 1.8, 380, 0.4),
+    "b5": Scaling(1.6, 2.2, 456, 0.4),
+    "b6": Scaling(1.8, 2.6, 528, 0.5),
+    "b7": Scaling(2.0, 3.1, 600, 0.5),
+}
+
+
+def round_filters(channels, width):
+    """Scale a channel count by `width` and round to a multiple of 8, never dropping more than 10%."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    if rounded < 0.9 * scaled:
+        rounded += 8
+    return rounded
+
+
+def round_repeats(repeats, depth):
+    return int(math.ceil(depth * repeats))
+
+
+def canonical_arch(arch):
+    """'b0', 'B0', 'efficientnet_b0' or 'efficientnet-b0' -> 'b0'; anything else raises ValueError."""
+    name = str(arch).lower().replace("-", "_")
+    name = name[len("efficientnet_"):] if name.startswith("efficientnet_") else name
+    if name not in SCALING:
+        raise ValueError(f"unknown EfficientNet arch {arch!r}; valid: {', '.join(SCALING)}")
+    return name
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the residual branch of whole samples, scaling the kept ones by 1/keep."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = torch.empty((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self):
+        return f"rate={self.rate:.4f}"
+
+
+class BatchNormSiLU(nn.BatchNorm2d):
+    """BatchNorm followed by SiLU (one module so that the pair can be computed together)."""
+
+    def forward(self, x):
+        return F.silu(super().forward(x))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels, reduced):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        s = self.reduce(s)
+        s = F.silu(s)
+        s = self.expand(s)
+        return x * s.sigmoid()
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: expand 1x1, depthwise kxk, squeeze-excite, project 1x1."""
+
+    def __init__(self, in_channels, out_channels, expand, kernel, stride, drop_path_rate, norm):
+        super().__init__()
+        mid = in_channels * expand
+        self.has_residual = stride == 1 and in_channels == out_channels
+        if expand == 1:
+            self.expand_conv = nn.Identity()
+            self.expand_bn = nn.Identity()
+        else:
+            self.expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False)
+            self.expand_bn = norm(mid, act=True)
+        self.dw_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self.dw_bn = norm(mid, act=True)
+        # Paper quirk: the squeeze width comes from the block's INPUT channels, not the expanded ones.
+        self.se = SqueezeExcite(mid, max(1, in_channels // 4))
+        self.project_conv = nn.Conv2d(mid, out_channels, 1, bias=False)
+        self.project_bn = norm(out_channels, act=False)  # linear bottleneck: no activation
+        self.drop_path = DropPath(drop_path_rate) if self.has_residual else nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.expand_conv(x)
+        x = self.expand_bn(x)
+        x = self.dw_conv(x)
+        x = self.dw_bn(x)
+        x = self.se(x)
+        x = self.project_conv(x)
+        x = self.project_bn(x)
+        if self.has_residual:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+def _forward_recompute(block, x):
+    """Run `block` under activation checkpointing. The recomputation in backward must not move the
+    BatchNorm running statistics a second time, so it runs with momentum 0 (running stats kept)."""
+    calls = []
+
+    def run(inp):
+        if not calls:
+            calls.append(1)
+            return block(inp)
+        bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+        for m in bns:
+            m.momentum = 0.0
+        try:
+            return block(inp)
+        finally:
+            for m, (momentum, tracked) in zip(bns, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(tracked)
+
+    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+
+class EfficientNet(nn.Module):
+    def __init__(self, width=1.0, depth=1.0, dropout=0.2, num_classes=1000, drop_path_rate=0.2,
+                 bn_eps=1e-5, bn_momentum=0.1, stages=B0_STAGES):
+        super().__init__()
+
+        def norm(channels, act):
+            cls = BatchNormSiLU if act else nn.BatchNorm2d
+            return cls(channels, eps=bn_eps, momentum=bn_momentum)
+
+        stem = round_filters(B0_STEM, width)
+        self.stem_conv = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
+        self.stem_bn = norm(stem, act=True)
+
+        rows = [(e, k, s, round_filters(i, width), round_filters(o, width), round_repeats(r, depth))
+                for e, k, s, i, o, r in stages]
+        num_blocks = sum(r for *_, r in rows)
+        blocks = []
+        for expand, kernel, stride, in_ch, out_ch, repeats in rows:
+            for j in range(repeats):
+                # Paper quirk: the drop-path rate grows linearly with the GLOBAL block index.
+                rate = drop_path_rate * len(blocks) / num_blocks
+                blocks.append(MBConv(in_ch if j == 0 else out_ch, out_ch, expand, kernel,
+                                     stride if j == 0 else 1, rate, norm))
+        self.blocks = nn.Sequential(*blocks)
+
+        head = round_filters(B0_HEAD, width)
+        self.head_conv = nn.Conv2d(rows[-1][4], head, 1, bias=False)
+        self.head_bn = norm(head, act=True)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(head, num_classes)
+        self.num_features = head
+        self.grad_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """TF / timm initialisation."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in backward instead of storing them (less memory)."""
+        self.grad_checkpointing = enable
+
+    def forward_features(self, x):
+        """(N, 3, H, W) -> (N, num_features, H/32, W/32), before pooling."""
+        x = self.stem_conv(x)
+        x = self.stem_bn(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = _forward_recompute(block, x)
+            else:
+                x = block(x)
+        x = self.head_conv(x)
+        x = self.head_bn(x)
+        return x
+
+    def forward(self, x):
+        x = self.forward_features(x)
+        x = x.mean((2, 3))
+        x = self.dropout(x)
+        return self.classifier(x)
+
+
+def create_model(arch, num_classes=1000, **overrides):
+    """EfficientNet member `arch` ("b0".."b7" or "efficientnet_b0"...). `overrides` are
+    EfficientNet arguments, e.g. dropout=0.3, drop_path_rate=0.1, bn_eps=1e-3, bn_momentum=0.01."""
+    scaling = SCALING[canonical_arch(arch)]
+    kwargs = dict(width=scaling.width, depth=scaling.depth, dropout=scaling.dropout)
+    kwargs.update(overrides)
+    return EfficientNet(num_classes=num_classes, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight import from torchvision's and timm's `efficientnet_bX` state dicts.
+
+# Sub-module names inside one block, in order, for blocks without and with the expand conv.
+_OURS = {False: ["dw_conv", "dw_bn", "se.reduce", "se.expand", "project_conv", "project_bn"],
+         True: ["expand_conv", "expand_bn", "dw_conv", "dw_bn", "se.reduce", "se.expand",
+                "project_conv", "project_bn"]}
+_TORCHVISION = {False: ["block.0.0", "block.0.1", "block.1.fc1", "block.1.fc2", "block.2.0", "block.2.1"],
+                True: ["block.0.0", "block.0.1", "block.1.0", "block.1.1", "block.2.fc1", "block.2.fc2",
+                       "block.3.0", "block.3.1"]}
+_TIMM = {False: ["conv_dw", "bn1", "se.conv_reduce", "se.conv_expand", "conv_pw", "bn2"],
+         True: ["conv_pw", "bn1", "conv_dw", "bn2", "se.conv_reduce", "se.conv_expand", "conv_pwl", "bn3"]}
+_LAYOUTS = {
+    # name: (key that identifies it, block-key regex, per-block names, names outside the blocks)
+    "torchvision": ("features.0.0.weight", r"features\.([1-7])\.(\d+)\.(.+)", _TORCHVISION,
+                    {"features.0.0": "stem_conv", "features.0.1": "stem_bn", "features.8.0": "head_conv",
+                     "features.8.1": "head_bn", "classifier.1": "classifier"}),
+    "timm": ("conv_stem.weight", r"blocks\.(\d+)\.(\d+)\.(.+)", _TIMM,
+             {"conv_stem": "stem_conv", "bn1": "stem_bn", "conv_head": "head_conv", "bn2": "head_bn",
+              "classifier": "classifier"}),
+}
+
+
+def _strip_prefixes(key):
+    while True:
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        else:
+            return key
+
+
+def _split(key, names):
+    """'a.b.weight' with names containing 'a.b' -> ('a.b', 'weight'); None when no name matches."""
+    for name in names:
+        if key.startswith(name + "."):
+            return name, key[len(name) + 1:]
+    return None
+
+
+def convert_state_dict(state_dict, model=None):
+    """Return `state_dict` in this file's layout, whatever it came from: this model, torchvision's
+    `efficientnet_bX` or timm's `efficientnet_bX` / `tf_efficientnet_bX`, with or without `module.`
+    (DDP) and `_orig_mod.` (torch.compile) prefixes. A training checkpoint of this repo (a dict with a
+    "model" entry) is unwrapped. With `model`, keys and shapes are checked against it; any problem
+    raises ValueError naming the keys and the layout that was expected.
+    (timm's tf_ weights also need TF "same" padding, which this model does not implement.)"""
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    layout = next((name for name, spec in _LAYOUTS.items() if spec[0] in state_dict), "efficientnet.py")
+    if layout == "efficientnet.py":
+        if "stem_conv.weight" not in state_dict:
+            raise ValueError("state dict is not an EfficientNet of torchvision, timm or efficientnet.py: "
+                             "expected a key 'features.0.0.weight', 'conv_stem.weight' or 'stem_conv.weight' "
+                             f"(first keys: {', '.join(list(state_dict)[:4])})")
+        converted, unknown = dict(state_dict), []
+    else:
+        _, pattern, block_names, outer = _LAYOUTS[layout]
+        converted, unknown, blocks = {}, [], {}
+        for key, value in state_dict.items():
+            match = re.fullmatch(pattern, key)
+            if match:  # group by (stage, block) to number the blocks globally afterwards
+                blocks.setdefault((int(match[1]), int(match[2])), {})[match[3]] = (key, value)
+                continue
+            part = _split(key, outer)
+            if part is None:
+                unknown.append(key)
+            else:
+                converted[f"{outer[part[0]]}.{part[1]}"] = value
+        for index, (_, params) in enumerate(sorted(blocks.items())):
+            # Blocks with an expand conv have one more conv+BN; the last name exists only in them.
+            expanded = any(_split(rest, block_names[True][-1:]) for rest in params)
+            theirs, ours = block_names[expanded], _OURS[expanded]
+            for rest, (key, value) in params.items():
+                part = _split(rest, theirs)
+                if part is None:
+                    unknown.append(key)
+                else:
+                    converted[f"blocks.{index}.{ours[theirs.index(part[0])]}.{part[1]}"] = value
+    if unknown:
+        raise ValueError(f"state dict looks like {layout}'s EfficientNet but has keys that layout does not "
+                         f"have: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+    if model is not None:
+        _check_against(converted, model.state_dict(), layout)
+    return converted
+
+
+def _check_against(converted, expected, layout):
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    mismatched = [f"{k} {tuple(converted[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in converted and converted[k].shape != v.shape]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        if keys:
+            problems.append(f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    if problems:
+        raise ValueError(f"state dict (read as {layout} layout) does not fit this model "
+                         f"({len(expected)} keys expected; is it another member or num_classes?): "
+                         + "; ".join(problems))

@@ -1,0 +1,43 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tests are small: keep intra-op threads at the machine's size, but never oversubscribe when
+# several test processes (torchrun) run at once.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def randomize_(model, seed=0):
+    """Give every parameter and BatchNorm buffer non-trivial values so that equality tests see
+    every weight (BN running stats at their init would hide a swapped mean/var)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean") or name.endswith("bias"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif name.endswith("weight") and t.dim() == 1:  # BN scale
+                t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
+            else:
+                fan_in = t[0].numel() if t.dim() > 1 else 1
+                t.copy_(torch.randn(t.shape, generator=g) / fan_in ** 0.5)
+    return model
+
+
+@pytest.fixture
+def python_env():
+    """Environment for child Python processes: the repo importable, one thread each."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+sys.path.insert(0, ROOT)

@@ -1,0 +1,284 @@
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import efficientnet
+from efficientnet import SCALING, convert_state_dict, create_model
+from conftest import ROOT, randomize_
+
+# MODEL.md: exact parameter counts for 1000 classes (identical in torchvision and timm).
+PARAMS = {"b0": 5_288_548, "b1": 7_794_184, "b2": 9_109_994, "b3": 12_233_232,
+          "b4": 19_341_616, "b5": 30_389_784, "b6": 43_040_704, "b7": 66_347_960}
+BLOCKS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55}
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def torchvision_model(arch):
+    return getattr(torchvision.models, f"efficientnet_{arch}")()
+
+
+def bn_args(arch):
+    # torchvision builds B5-B7 with TF's BatchNorm settings.
+    return dict(bn_eps=1e-3, bn_momentum=0.01) if arch in ("b5", "b6", "b7") else {}
+
+
+@pytest.mark.parametrize("arch", list(PARAMS))
+def test_parameter_counts_match_paper_and_torchvision(arch):
+    model = create_model(arch)
+    assert count(model) == PARAMS[arch]
+    assert count(torchvision_model(arch)) == PARAMS[arch]
+    assert len(model.blocks) == BLOCKS[arch]
+
+
+def test_scaling_table_is_the_single_source():
+    assert SCALING["b0"].resolution == 224 and SCALING["b7"].resolution == 600
+    assert [SCALING[a].dropout for a in PARAMS] == [0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5]
+    assert create_model("b4").dropout.p == 0.4
+    assert create_model("b4", dropout=0.1).dropout.p == 0.1
+
+
+@pytest.mark.parametrize("value,expected", [(32, 32), (16, 16), (1280, 1280)])
+def test_round_filters_identity_at_width_one(value, expected):
+    assert efficientnet.round_filters(value, 1.0) == expected
+
+
+def test_round_filters_rules():
+    # B2 (width 1.1): 32 -> 35.2 -> 32 (within 10%); B4 (1.4): 1280 -> 1792; B7 (2.0): 16 -> 32.
+    assert efficientnet.round_filters(32, 1.1) == 32
+    assert efficientnet.round_filters(1280, 1.4) == 1792
+    assert efficientnet.round_filters(16, 2.0) == 32
+    assert efficientnet.round_filters(12, 1.0) == 16  # rounds to nearest multiple of 8: 12 -> 16
+    # 19 rounds down to 16, more than 10% below 19, so it is bumped up by 8.
+    assert efficientnet.round_filters(19, 1.0) == 24
+    assert efficientnet.round_repeats(3, 1.1) == 4 and efficientnet.round_repeats(1, 3.1) == 4
+
+
+def test_unknown_arch_names_valid_ones():
+    with pytest.raises(ValueError) as info:
+        create_model("b9")
+    for arch in PARAMS:
+        assert arch in str(info.value)
+    assert count(create_model("efficientnet_b1")) == PARAMS["b1"]
+    assert count(create_model("EfficientNet-B0")) == PARAMS["b0"]
+
+
+@pytest.mark.parametrize("arch,size", [("b0", 64), ("b2", 64), ("b5", 48)])
+def test_torchvision_weights_give_torchvision_outputs(arch, size):
+    reference = randomize_(torchvision_model(arch)).eval()
+    model = create_model(arch, **bn_args(arch)).eval()
+    model.load_state_dict(convert_state_dict(reference.state_dict(), model), strict=True)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() < 1e-5
+
+
+def timm_layout(torchvision_state):
+    """Rename torchvision keys to timm's `efficientnet_bX` names, written from MODEL.md's layout
+    independently of efficientnet.py's converter."""
+    inner_plain = {"block.0.0": "conv_dw", "block.0.1": "bn1", "block.1.fc1": "se.conv_reduce",
+                   "block.1.fc2": "se.conv_expand", "block.2.0": "conv_pw", "block.2.1": "bn2"}
+    inner_expand = {"block.0.0": "conv_pw", "block.0.1": "bn1", "block.1.0": "conv_dw", "block.1.1": "bn2",
+                    "block.2.fc1": "se.conv_reduce", "block.2.fc2": "se.conv_expand",
+                    "block.3.0": "conv_pwl", "block.3.1": "bn3"}
+    outer = {"features.0.0": "conv_stem", "features.0.1": "bn1", "features.8.0": "conv_head",
+             "features.8.1": "bn2", "classifier.1": "classifier"}
+    out = {}
+    for key, value in torchvision_state.items():
+        parts = key.split(".")
+        if parts[0] == "features" and parts[1] not in ("0", "8"):
+            stage, block = int(parts[1]), parts[2]
+            inner = inner_plain if stage == 1 else inner_expand
+            name = next(n for n in inner if ".".join(parts[3:]).startswith(n + "."))
+            rest = ".".join(parts[3:])[len(name) + 1:]
+            out[f"blocks.{stage - 1}.{block}.{inner[name]}.{rest}"] = value
+        else:
+            name = next(n for n in outer if key.startswith(n + "."))
+            out[f"{outer[name]}.{key[len(name) + 1:]}"] = value
+    return out
+
+
+@pytest.mark.parametrize("arch,size", [("b0", 64), ("b2", 64), ("b5", 48)])
+def test_timm_layout_gives_torchvision_outputs(arch, size):
+    reference = randomize_(torchvision_model(arch), seed=3).eval()
+    state = timm_layout(reference.state_dict())
+    assert "blocks.0.0.conv_dw.weight" in state and "blocks.1.0.conv_pwl.weight" in state
+    # DDP and torch.compile prefixes are stripped too.
+    state = {f"module._orig_mod.{k}": v for k, v in state.items()}
+    model = create_model(arch, **bn_args(arch)).eval()
+    model.load_state_dict(convert_state_dict(state, model), strict=True)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() < 1e-5
+
+
+def test_own_state_dict_round_trips_with_prefixes():
+    model = randomize_(create_model("b0"))
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    fresh = create_model("b0")
+    fresh.load_state_dict(convert_state_dict({"model": state}, fresh), strict=True)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_convert_errors_name_keys_and_layout():
+    model = create_model("b0")
+    with pytest.raises(ValueError, match=r"torchvision.*features\.9\.weight"):
+        convert_state_dict({**torchvision_model("b0").state_dict(), "features.9.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"torchvision layout.*wrong shape: blocks\.5\.project_conv\.weight \(40, 144, 1, 1\) vs \(48"):
+        convert_state_dict(torchvision_model("b1").state_dict(), create_model("b2"))
+    with pytest.raises(ValueError, match=r"missing.*blocks\.16"):
+        convert_state_dict(torchvision_model("b0").state_dict(), create_model("b1"))
+    with pytest.raises(ValueError, match="not an EfficientNet"):
+        convert_state_dict({"fc.weight": torch.zeros(1)}, model)
+
+
+def test_drop_path_rates_are_linear_in_global_block_index():
+    model = create_model("b3", drop_path_rate=0.2)
+    reference = torchvision_model("b3")
+    tv_rates = [b.stochastic_depth.p for stage in reference.features[1:8] for b in stage]
+    n = len(model.blocks)
+    assert len(tv_rates) == n == 26
+    for i, block in enumerate(model.blocks):
+        expected = 0.2 * i / n
+        assert tv_rates[i] == pytest.approx(expected)
+        if block.has_residual:
+            assert block.drop_path.rate == pytest.approx(expected)
+        else:
+            assert isinstance(block.drop_path, nn.Identity)
+    assert model.blocks[0].has_residual is False  # 32 -> 24 for b3: no shortcut in the first block
+
+
+def test_drop_path_is_per_sample_and_identity_in_eval():
+    torch.manual_seed(0)
+    drop = efficientnet.DropPath(0.5)
+    x = torch.ones(256, 3, 2, 2)
+    y = drop(x)
+    per_sample = y.flatten(1)
+    assert torch.all(per_sample == per_sample[:, :1])  # whole samples, never single elements
+    values = set(per_sample[:, 0].tolist())
+    assert values == {0.0, 2.0}  # dropped, or kept and scaled by 1 / keep
+    assert 64 < (per_sample[:, 0] == 0).sum() < 192
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    model = create_model("b0").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_init_follows_tf_scheme():
+    torch.manual_seed(0)
+    model = create_model("b0")
+    w = model.head_conv.weight  # 1x1, 320 -> 1280: fan_out = 1280
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 1280), rel=0.02)
+    dw = model.blocks[3].dw_conv.weight  # 5x5 depthwise, groups == channels: fan_out = 25
+    assert dw.std().item() == pytest.approx(math.sqrt(2 / 25), rel=0.05)
+    bound = 1 / math.sqrt(1000)
+    assert model.classifier.weight.abs().max().item() <= bound
+    assert model.classifier.weight.abs().max().item() > 0.99 * bound
+    assert torch.all(model.classifier.bias == 0) and torch.all(model.blocks[3].se.reduce.bias == 0)
+    assert torch.all(model.stem_bn.weight == 1) and torch.all(model.stem_bn.bias == 0)
+
+
+def test_bn_settings_are_constructor_arguments():
+    model = create_model("b0", bn_eps=1e-3, bn_momentum=0.01)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 49  # stem + 15 * 3 + 2 (first block has no expand) + head
+    assert all(m.eps == 1e-3 and m.momentum == 0.01 for m in norms)
+    assert all(m.eps == 1e-5 and m.momentum == 0.1
+               for m in create_model("b0").modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = create_model("b0", num_classes=10)
+    x = torch.randn(4, 3, 64, 64)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_channels_last_matches_contiguous():
+    model = randomize_(create_model("b0", num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.to(memory_format=torch.channels_last))
+        feats = model.forward_features(x.to(memory_format=torch.channels_last))
+    assert feats.is_contiguous(memory_format=torch.channels_last)
+    assert feats.shape == (2, 1280, 2, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = create_model("b0", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = out.float().logsumexp(1).mean()
+    assert out.dtype == torch.bfloat16
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_jit_trace_and_compile_graph():
+    model = randomize_(create_model("b0", num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), ref)
+    # fullgraph=True: the whole model (train mode too, with drop path) is captured by dynamo in one
+    # graph. aot_eager checks capture and autograd tracing without a C++ compiler in CI.
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref)
+    model.train()
+    compiled(x).sum().backward()
+    assert model.stem_conv.weight.grad is not None
+
+
+def test_grad_checkpointing_same_outputs_grads_and_bn_stats():
+    torch.manual_seed(0)
+    plain = create_model("b0", num_classes=10)
+    ckpt = create_model("b0", num_classes=10)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 64, 64)
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # same drop-path / dropout masks
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, value in results[0][2].items():  # running stats moved once, not twice
+        assert torch.equal(value, results[1][2][name]), name
+
+
+def test_file_works_alone_in_a_fresh_process(tmp_path):
+    shutil.copy(os.path.join(ROOT, "efficientnet.py"), tmp_path)
+    code = ("import efficientnet, torch, os\n"
+            "assert os.path.dirname(efficientnet.__file__) == os.getcwd()\n"
+            "m = efficientnet.create_model('b0', num_classes=3).eval()\n"
+            "print(tuple(m(torch.randn(1, 3, 64, 64)).shape))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 3)"
