@@ -1,0 +1,266 @@
+import io
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+import data
+from data import DataError, ShardSampler, TrainSampler, build_datasets, load_rgb
+from conftest import ROOT
+
+
+def photo(width, height, seed=0):
+    """A smooth, textured RGB array (JPEG-compresses like a photo)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([xx * 200 / width + 30 * np.sin(yy / 7), yy * 200 / height + 30 * np.cos(xx / 11),
+                    (xx + yy) * 0.3 % 255], -1)
+    return np.clip(img + g.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+def make_folder(root, classes=("a", "b", "c"), per_class=4, size=(64, 48), fmt="JPEG"):
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(photo(*size, seed=100 * c + i)).save(
+                os.path.join(root, name, f"{name}_{i}.{fmt.lower()}"), fmt)
+    return root
+
+
+def make_imagenet(root, classes=("a", "b", "c"), train=4, val=3):
+    make_folder(os.path.join(root, "train"), classes, train)
+    make_folder(os.path.join(root, "val"), classes, val)
+    return str(root)
+
+
+# ------------------------------------------------------------------------------------- samplers
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("size", [7, 10, 13, 50])
+def test_val_shards_cover_every_index_exactly_once(world, size):
+    seen = [i for rank in range(world) for i in ShardSampler(size, rank, world)]
+    assert sorted(seen) == list(range(size))
+    assert sum(len(ShardSampler(size, r, world)) for r in range(world)) == size
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("size", [7, 10, 13, 50])
+def test_train_shards_equal_complete_and_reshuffled(world, size):
+    shards = [TrainSampler(size, rank, world, seed=5) for rank in range(world)]
+    epoch0 = [[i for i, _ in s] for s in shards]
+    lengths = {len(s) for s in shards} | {len(e) for e in epoch0}
+    assert lengths == {-(-size // world)}  # ceil: equal on every rank
+    union = [i for e in epoch0 for i in e]
+    assert set(union) == set(range(size)) and len(union) - size < world  # padding only to even out
+    for s in shards:
+        s.set_epoch(1)
+    epoch1 = [[i for i, _ in s] for s in shards]
+    assert epoch1 != epoch0 and {e for s in shards for _, e in s} == {1}
+    # DistributedSampler's permutation: same indices as torch's sampler for the same seed and epoch.
+    reference = torch.utils.data.DistributedSampler(range(size), world, 0, shuffle=True, seed=5)
+    reference.set_epoch(1)
+    assert epoch1[0] == list(reference)
+
+
+def test_train_sampler_skip_resumes_with_the_next_samples():
+    sampler = TrainSampler(100, rank=1, world_size=3, seed=0)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, skip=10)
+    assert list(sampler) == full[10:] and len(sampler) == len(full) - 10
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+def test_odd_files_load_as_rgb(tmp_path):
+    base = photo(40, 30)
+    Image.fromarray(base[..., 0]).save(tmp_path / "gray.jpg")
+    Image.fromarray(base).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.dstack([base, np.full((30, 40), 128, np.uint8)])).save(tmp_path / "rgba.png")
+    palette = Image.fromarray(base).convert("P")
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "palette.png", transparency=0)
+    Image.fromarray(base).save(tmp_path / "png_named.JPEG", "PNG")
+    for name in ("gray.jpg", "cmyk.jpg", "rgba.png", "palette.png", "png_named.JPEG"):
+        img = load_rgb(str(tmp_path / name))
+        assert img.mode == "RGB" and img.size == (40, 30), name
+        out = data.ValTransform(24, 30)(img)
+        assert out.shape == (24, 24, 3) and out.dtype == torch.uint8, name
+    # CMYK really is converted (not read as garbage): close to the original colours.
+    cmyk = np.asarray(load_rgb(str(tmp_path / "cmyk.jpg")), dtype=np.float32)
+    assert np.abs(cmyk - base).mean() < 8
+
+
+def test_truncated_and_garbage_files_raise_with_their_path(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(photo(200, 150)).save(buf, "JPEG")
+    truncated = tmp_path / "truncated.JPEG"
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    garbage = tmp_path / "garbage.JPEG"
+    garbage.write_bytes(b"not an image at all")
+    for path in (truncated, garbage):
+        with pytest.raises(DataError, match=str(path)):
+            load_rgb(str(path))
+
+
+def test_bad_file_in_a_worker_names_the_file(tmp_path):
+    root = make_imagenet(tmp_path)
+    bad = os.path.join(root, "train", "b", "b_1.jpeg")
+    open(bad, "wb").write(b"\xff\xd8\xff\xe0 truncated")
+    train, _ = build_datasets(root, 32, 40)
+    loader = data.build_loader(train, TrainSampler(len(train)), 4, workers=1, train=True)
+    with pytest.raises(DataError, match="b_1.jpeg"):
+        list(loader)
+
+
+# --------------------------------------------------------------------------------- transforms
+
+def test_val_transform_equals_torchvision_resize_center_crop():
+    reference = T.Compose([T.Resize(40, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                           T.PILToTensor()])
+    for w, h in [(64, 48), (48, 64), (50, 50), (77, 41)]:
+        img = Image.fromarray(photo(w, h, seed=w))
+        ours = data.ValTransform(32, 40)(img)
+        assert torch.equal(ours.permute(2, 0, 1), reference(img)), (w, h)
+
+
+def test_train_crop_matches_torchvision_resized_crop():
+    img = Image.fromarray(photo(120, 90))
+    for seed in range(5):
+        rng = random.Random(seed)
+        left, top, right, bottom = data.random_resized_crop_box(120, 90, rng)
+        ours = np.asarray(img.resize((48, 48), data.BICUBIC, box=(left, top, right, bottom)), np.int16)
+        reference = np.asarray(T.functional.resized_crop(
+            img, top, left, bottom - top, right - left, [48, 48], T.InterpolationMode.BICUBIC), np.int16)
+        diff = np.abs(ours - reference)
+        # One resize call instead of crop + resize: inside, at most one level of fixed-point
+        # rounding; edge pixels see the neighbours outside the box and may differ by a few levels.
+        assert diff[3:-3, 3:-3].max() <= 1
+        assert diff.max() <= 8 and diff.mean() < 0.5
+
+
+def test_random_resized_crop_box_statistics():
+    rng = random.Random(0)
+    areas, ratios = [], []
+    for _ in range(2000):
+        left, top, right, bottom = data.random_resized_crop_box(500, 375, rng)
+        assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
+        areas.append((right - left) * (bottom - top) / (500 * 375))
+        ratios.append((right - left) / (bottom - top))
+    assert 0.07 < min(areas) < 0.1 and max(areas) > 0.95
+    assert min(ratios) > 0.74 and max(ratios) < 1.35
+    # Tall images with no valid crop fall back to the centre crop with the ratio clamped to 3/4.
+    assert data.random_resized_crop_box(10, 1000, random.Random(0), scale=(0.99, 1.0)) == (0, 493, 10, 506)
+
+
+def test_train_samples_depend_only_on_seed_epoch_index(tmp_path):
+    root = make_imagenet(tmp_path)
+    train, _ = build_datasets(root, 32, 40, seed=3, autoaugment=True)
+    a, b = train[(5, 2)], train[(5, 2)]
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(train[(5, 3)][0], a[0])
+    state = torch.random.get_rng_state()
+    train[(1, 0)]
+    assert torch.equal(state, torch.random.get_rng_state())  # AutoAugment left the global RNG alone
+    assert a[0].shape == (32, 32, 3) and a[0].dtype == torch.uint8
+
+
+def test_loader_batches_identical_with_and_without_workers(tmp_path):
+    root = make_imagenet(tmp_path, train=6)
+    train, _ = build_datasets(root, 32, 40, seed=1)
+    batches = []
+    for workers in (0, 2):
+        sampler = TrainSampler(len(train), 0, 1, seed=1)
+        sampler.set_epoch(3)
+        loader = data.build_loader(train, sampler, 4, workers, train=True)
+        batches.append([(x.clone(), y.clone()) for x, y in loader])
+    assert len(batches[0]) == len(batches[1]) == 18 // 4
+    for (x0, y0), (x1, y1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+# ------------------------------------------------------------------------------- device side
+
+def test_device_normalisation_equals_totensor_normalize():
+    img = Image.fromarray(photo(40, 32))
+    reference = T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)(T.ToTensor()(img))
+    batch = (torch.stack([data.to_uint8_hwc(img)] * 2), torch.tensor([0, 1]))
+    for channels_last in (False, True):
+        x, y = next(iter(data.DeviceLoader([batch], "cpu", channels_last)))
+        assert x.shape == (2, 3, 32, 40) and x.dtype == torch.float32
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert (x[1] - reference).abs().max().item() < 1e-6
+
+
+def test_mixup_blends_images_and_targets():
+    images = torch.arange(3 * 3 * 2 * 2, dtype=torch.float32).view(3, 3, 2, 2)
+    mixed, targets = data.mixup(images, torch.tensor([0, 2, 1]), 4, lam=0.7)
+    torch.testing.assert_close(mixed[0], 0.7 * images[0] + 0.3 * images[2])
+    # partners are samples 2, 1, 0 (labels 1, 2, 0)
+    torch.testing.assert_close(targets, torch.tensor([[0.7, 0.3, 0.0, 0.0],
+                                                      [0.0, 0.0, 1.0, 0.0],
+                                                      [0.3, 0.7, 0.0, 0.0]]))
+
+
+# ----------------------------------------------------------------------------- layout errors
+
+def test_layout_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_datasets(str(tmp_path / "nowhere"), 32, 40)
+    root = make_imagenet(tmp_path / "ok")
+    os.makedirs(os.path.join(root, "train", "d"))
+    with pytest.raises(DataError, match=r"class folder .*train/d has no images"):
+        build_datasets(root, 32, 40)
+    make_folder(os.path.join(root, "train"), ("d",))
+    with pytest.raises(DataError, match=r"different class folders \(only in train: d; only in val: -\)"):
+        build_datasets(root, 32, 40)
+    flat = tmp_path / "flat"
+    make_folder(str(flat / "train"))
+    os.makedirs(flat / "val")
+    Image.fromarray(photo(20, 20)).save(flat / "val" / "x.JPEG")
+    with pytest.raises(DataError, match=r"val has no class folders"):
+        build_datasets(str(flat), 32, 40)
+    only_val = tmp_path / "only_val"
+    make_folder(str(only_val / "val"))
+    with pytest.raises(DataError, match=r"only_val/train does not exist"):
+        build_datasets(str(only_val), 32, 40)
+
+
+# ------------------------------------------------------------------------------ built-in data
+
+def test_demo_and_synthetic_are_deterministic():
+    train, val = build_datasets("demo", 48, 56, seed=0)
+    assert len(train) == data.DEMO_SIZES["train"] and len(val) == data.DEMO_SIZES["val"]
+    again, _ = build_datasets("demo", 48, 56, seed=0)
+    x, y = train[(7, 1)]
+    assert torch.equal(x, again[(7, 1)][0]) and y == 7 % 10 and x.shape == (48, 48, 3)
+    assert sorted(train[i][1] for i in range(10)) == list(range(10))
+    s_train, s_val = build_datasets("synthetic", 32, 36, seed=0)
+    assert len(s_train) == 1_281_167 and len(s_val) == 50_000
+    assert torch.equal(s_train[3][0], build_datasets("synthetic", 32, 36, seed=0)[0][3][0])
+    assert s_train[3][0].shape == (32, 32, 3) and 0 <= s_train[3][1] < 1000
+
+
+# ----------------------------------------------------------------------------- data.py check
+
+def test_check_command_reports_bad_and_odd_files(tmp_path):
+    root = make_imagenet(tmp_path)
+    run = lambda: subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "check", root,
+                                  "--workers", "2"], capture_output=True, text=True, timeout=120)
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert "checked 21 files: 0 undecodable, 0 odd formats" in result.stdout
+    Image.fromarray(photo(30, 30)).convert("CMYK").save(os.path.join(root, "val", "a", "cmyk.JPEG"))
+    bad = os.path.join(root, "train", "c", "c_2.jpeg")
+    open(bad, "r+b").truncate(300)
+    result = run()
+    assert result.returncode == 1
+    assert f"UNDECODABLE: {bad}" in result.stdout
+    assert "cmyk.JPEG: mode CMYK" in result.stdout
+    assert "checked 22 files: 1 undecodable, 1 odd formats" in result.stdout
