@@ -11,7 +11,9 @@ index), so the data of a step never depends on worker count, rank count or where
     python data.py check DATA    # decode every file before a multi-day run; exit 1 on bad files
 """
 import argparse
+import atexit
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -177,7 +179,7 @@ class DemoShapes(torch.utils.data.Dataset):
 
     classes = list(DEMO_CLASSES)
 
-    def __init__(self, split, transform, seed=0, native_size=96):
+    def __init__(self, split, transform, seed=0, native_size=64):
         self.split, self.transform, self.seed, self.native_size = split, transform, seed, native_size
         self.length = DEMO_SIZES[split]
 
@@ -192,22 +194,23 @@ class DemoShapes(torch.utils.data.Dataset):
         background, foreground = g.uniform(0, 255, 3), g.uniform(0, 255, 3)
         while np.abs(background - foreground).sum() < 200:  # keep the shape visible
             foreground = g.uniform(0, 255, 3)
-        cx, cy, r = g.uniform(0.3, 0.7), g.uniform(0.3, 0.7), g.uniform(0.15, 0.3)
+        # Shapes and stripes stay a few pixels wide even after a crop resized to 32 px.
+        cx, cy, r = g.uniform(0.35, 0.65), g.uniform(0.35, 0.65), g.uniform(0.2, 0.35)
         dx, dy = xx - cx, yy - cy
         name = self.classes[label]
-        period = g.uniform(0.08, 0.16)
+        period = g.uniform(0.15, 0.3)
         if name == "disc":
             mask = dx ** 2 + dy ** 2 < r ** 2
         elif name == "ring":
-            mask = np.abs(np.sqrt(dx ** 2 + dy ** 2) - r) < 0.25 * r
+            mask = np.abs(np.sqrt(dx ** 2 + dy ** 2) - r) < 0.35 * r
         elif name == "square":
             mask = np.maximum(np.abs(dx), np.abs(dy)) < r
         elif name == "frame":
-            mask = np.abs(np.maximum(np.abs(dx), np.abs(dy)) - r) < 0.25 * r
+            mask = np.abs(np.maximum(np.abs(dx), np.abs(dy)) - r) < 0.35 * r
         elif name == "triangle":
             mask = (dy < r) & (dy > 2 * np.abs(dx) - r)
         elif name == "cross":
-            mask = ((np.abs(dx) < 0.3 * r) | (np.abs(dy) < 0.3 * r)) & (np.maximum(np.abs(dx), np.abs(dy)) < r)
+            mask = ((np.abs(dx) < 0.35 * r) | (np.abs(dy) < 0.35 * r)) & (np.maximum(np.abs(dx), np.abs(dy)) < r)
         elif name == "horizontal":
             mask = np.sin(2 * np.pi * yy / period) > 0
         elif name == "vertical":
@@ -217,7 +220,7 @@ class DemoShapes(torch.utils.data.Dataset):
         else:  # checker
             mask = (np.sin(2 * np.pi * xx / period) > 0) ^ (np.sin(2 * np.pi * yy / period) > 0)
         img = np.where(mask[..., None], foreground, background)
-        img += g.normal(0, 12, img.shape)
+        img += g.normal(0, 10, img.shape)
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), label
 
     def __getitem__(self, item):
@@ -244,19 +247,23 @@ class Synthetic(torch.utils.data.Dataset):
         return self.images[index % len(self.images)], (index * 7919) % 1000
 
 
-def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, autoaugment=False):
-    """(train, val) datasets for DATA, 'demo' or 'synthetic'. Class lists must agree."""
+def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, autoaugment=False,
+                   with_train=True):
+    """(train, val) datasets for DATA, 'demo' or 'synthetic'; train is None without `with_train`
+    (evaluation only: DATA/train need not exist). Train and val must have the same classes."""
     if data == "synthetic":
-        return Synthetic("train", image_size, seed), Synthetic("val", image_size, seed)
+        return Synthetic("train", image_size, seed) if with_train else None, Synthetic("val", image_size, seed)
     train_tf = TrainTransform(image_size, min_crop_scale, autoaugment)
     val_tf = ValTransform(image_size, val_resize)
     if data == "demo":
-        return DemoShapes("train", train_tf, seed), DemoShapes("val", val_tf, seed)
+        return DemoShapes("train", train_tf, seed) if with_train else None, DemoShapes("val", val_tf, seed)
     if not os.path.isdir(data):
         raise DataError(f"data folder {data} does not exist (give the ImageNet root holding train/ "
                         f"and val/, or --data demo / --data synthetic)")
-    train = ImageFolder(os.path.join(data, "train"), train_tf, seed)
     val = ImageFolder(os.path.join(data, "val"), val_tf, seed)
+    if not with_train:
+        return None, val
+    train = ImageFolder(os.path.join(data, "train"), train_tf, seed)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -316,14 +323,27 @@ class ShardSampler(torch.utils.data.Sampler):
 # Loaders
 
 def _worker_init(worker_id):
-    # Preemption signals are the main process's business (train.py); a worker killed by SLURM's
-    # SIGTERM would crash the run before it can checkpoint. Workers leave when the main one does.
+    # Preemption signals are the main process's business (train.py): SLURM signals every process
+    # of a job step, and a worker killed by SIGTERM would crash the run before it can checkpoint.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
+def _kill_workers_at_exit():
+    # multiprocessing's own exit handler stops daemon children with SIGTERM, which the workers
+    # ignore, and then joins them: it would wait forever. This handler is registered later, so it
+    # runs first. (A loader that is garbage-collected shuts its workers down by itself.)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would report the kill as a crash
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False):
+    if workers > 0:
+        atexit.unregister(_kill_workers_at_exit)  # once, however many loaders
+        atexit.register(_kill_workers_at_exit)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=pin_memory, drop_last=train,  # equal, full batches on every rank in training

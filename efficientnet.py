@@ -95,11 +95,10 @@ class DropPath(nn.Module):
         return f"rate={self.rate:.4f}"
 
 
-class BatchNormSiLU(nn.BatchNorm2d):
-    """BatchNorm followed by SiLU (one module so that the pair can be computed together)."""
-
-    def forward(self, x):
-        return F.silu(super().forward(x))
+def bn_silu(bn, x):
+    """SiLU(BatchNorm(x)). A function, not a module, so that torch's convert_sync_batchnorm (which
+    swaps BatchNorm modules for SyncBatchNorm) keeps the activation."""
+    return F.silu(bn(x))
 
 
 class SqueezeExcite(nn.Module):
@@ -123,29 +122,26 @@ class MBConv(nn.Module):
         super().__init__()
         mid = in_channels * expand
         self.has_residual = stride == 1 and in_channels == out_channels
-        if expand == 1:
-            self.expand_conv = nn.Identity()
-            self.expand_bn = nn.Identity()
-        else:
-            self.expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False)
-            self.expand_bn = norm(mid, act=True)
+        self.expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False) if expand != 1 else None
+        self.expand_bn = norm(mid) if expand != 1 else None
         self.dw_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self.dw_bn = norm(mid, act=True)
+        self.dw_bn = norm(mid)
         # Paper quirk: the squeeze width comes from the block's INPUT channels, not the expanded ones.
         self.se = SqueezeExcite(mid, max(1, in_channels // 4))
         self.project_conv = nn.Conv2d(mid, out_channels, 1, bias=False)
-        self.project_bn = norm(out_channels, act=False)  # linear bottleneck: no activation
+        self.project_bn = norm(out_channels)
         self.drop_path = DropPath(drop_path_rate) if self.has_residual else nn.Identity()
 
     def forward(self, x):
         shortcut = x
-        x = self.expand_conv(x)
-        x = self.expand_bn(x)
+        if self.expand_conv is not None:
+            x = self.expand_conv(x)
+            x = bn_silu(self.expand_bn, x)
         x = self.dw_conv(x)
-        x = self.dw_bn(x)
+        x = bn_silu(self.dw_bn, x)
         x = self.se(x)
         x = self.project_conv(x)
-        x = self.project_bn(x)
+        x = self.project_bn(x)  # linear bottleneck: no activation
         if self.has_residual:
             x = self.drop_path(x) + shortcut
         return x
@@ -179,13 +175,12 @@ class EfficientNet(nn.Module):
                  bn_eps=1e-5, bn_momentum=0.1, stages=B0_STAGES):
         super().__init__()
 
-        def norm(channels, act):
-            cls = BatchNormSiLU if act else nn.BatchNorm2d
-            return cls(channels, eps=bn_eps, momentum=bn_momentum)
+        def norm(channels):
+            return nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
 
         stem = round_filters(B0_STEM, width)
         self.stem_conv = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
-        self.stem_bn = norm(stem, act=True)
+        self.stem_bn = norm(stem)
 
         rows = [(e, k, s, round_filters(i, width), round_filters(o, width), round_repeats(r, depth))
                 for e, k, s, i, o, r in stages]
@@ -201,7 +196,7 @@ class EfficientNet(nn.Module):
 
         head = round_filters(B0_HEAD, width)
         self.head_conv = nn.Conv2d(rows[-1][4], head, 1, bias=False)
-        self.head_bn = norm(head, act=True)
+        self.head_bn = norm(head)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(head, num_classes)
         self.num_features = head
@@ -231,14 +226,14 @@ class EfficientNet(nn.Module):
     def forward_features(self, x):
         """(N, 3, H, W) -> (N, num_features, H/32, W/32), before pooling."""
         x = self.stem_conv(x)
-        x = self.stem_bn(x)
+        x = bn_silu(self.stem_bn, x)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = _forward_recompute(block, x)
             else:
                 x = block(x)
         x = self.head_conv(x)
-        x = self.head_bn(x)
+        x = bn_silu(self.head_bn, x)
         return x
 
     def forward(self, x):

@@ -1,8 +1,10 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +40,30 @@ def python_env():
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def photo(width, height, seed=0):
+    """A smooth, textured RGB array (JPEG-compresses like a photo)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([xx * 200 / width + 30 * np.sin(yy / 7), yy * 200 / height + 30 * np.cos(xx / 11),
+                    (xx + yy) * 0.3 % 255], -1)
+    return np.clip(img + g.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+def make_folder(root, classes=("a", "b", "c"), per_class=4, size=(64, 48), fmt="JPEG"):
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(photo(*size, seed=100 * c + i)).save(
+                os.path.join(root, name, f"{name}_{i}.{fmt.lower()}"), fmt)
+    return root
+
+
+def make_imagenet(root, classes=("a", "b", "c"), train=4, val=3):
+    make_folder(os.path.join(root, "train"), classes, train)
+    make_folder(os.path.join(root, "val"), classes, val)
+    return str(root)
 
 
 sys.path.insert(0, ROOT)

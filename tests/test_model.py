@@ -282,3 +282,13 @@ def test_file_works_alone_in_a_fresh_process(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 3)"
+
+
+def test_sync_batchnorm_conversion_keeps_the_network():
+    model = randomize_(create_model("b0", num_classes=10)).eval()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(create_model("b0", num_classes=10)).eval()
+    synced.load_state_dict(model.state_dict())  # same keys
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 49
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x), model(x))  # activations kept around the new norms

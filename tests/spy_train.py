@@ -1,0 +1,61 @@
+"""Run train.main (under torchrun or alone) and record, per rank, what tests cannot see from outside:
+the state of the model each rank evaluates, the evaluation results, and every write under
+$SPY_WATCH that a rank other than 0 attempts. Results go to $SPY_DIR/rank<R>.json and
+rank<R>_eval<i>.pt."""
+import builtins
+import json
+import os
+import sys
+
+import torch
+
+import train
+
+rank = int(os.environ.get("RANK", "0"))
+spy_dir = os.environ["SPY_DIR"]
+watched = os.path.abspath(os.environ["SPY_WATCH"])  # the folder whose writes count (the run's)
+real_open, real_save = builtins.open, torch.save
+writes = []
+
+
+def record(what, target):
+    if isinstance(target, (str, os.PathLike)) and os.path.abspath(target).startswith(watched):
+        writes.append(f"{what} {target}")
+
+
+if rank != 0:
+    def watched_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            record("open", file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def watch(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            record(name, args[1] if name == "save" and len(args) > 1 else args[0] if args else None)
+            return real(*args, **kwargs)
+        setattr(module, name, wrapper)
+
+    builtins.open = watched_open
+    for name in ("replace", "rename", "makedirs", "mkdir", "link", "remove"):
+        watch(os, name)
+    watch(torch, "save")
+
+real_evaluate = train.evaluate
+evaluations = []
+
+
+def spy_evaluate(model, *args, **kwargs):
+    result = real_evaluate(model, *args, **kwargs)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    real_save(state, os.path.join(spy_dir, f"rank{rank}_eval{len(evaluations)}.pt"))
+    evaluations.append(result)
+    return result
+
+
+train.evaluate = spy_evaluate
+code = train.main(sys.argv[1:])
+with real_open(os.path.join(spy_dir, f"rank{rank}.json"), "w") as f:
+    json.dump({"writes": writes, "evaluations": evaluations, "code": code}, f)
+sys.exit(code)

@@ -1,0 +1,261 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+
+import train
+import utils
+from conftest import ROOT, make_imagenet, randomize_
+
+TRAIN = os.path.join(ROOT, "train.py")
+SPY = os.path.join(ROOT, "tests", "spy_train.py")
+# Tiny and fast: 32 px images, 4 per batch, eval resize 36 -> 32.
+TINY = ["--image-size", "32", "--val-resize", "36", "--batch-size", "4", "--log-every", "1"]
+
+
+def run_train(args, nproc=None, script=TRAIN, env=None, timeout=600):
+    """train.py (or `script`) in a fresh process; under torchrun with `nproc` processes."""
+    cmd = [sys.executable, script] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def read_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    # 3 classes: 8 train images each (6 steps of 4), 3 val images each (9: uneven over 2 ranks).
+    return make_imagenet(tmp_path_factory.mktemp("data"), train=8, val=3)
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+def test_lr_schedule_warmup_and_cosine():
+    lr = lambda step: train.lr_at(step, base_lr=0.1, warmup_steps=10, total_steps=110)
+    assert lr(0) == pytest.approx(0.01)  # first warmup step: 1/10 of the base
+    assert lr(9) == pytest.approx(0.1)  # last warmup step reaches the base
+    assert lr(10) == pytest.approx(0.1)  # cosine starts at the base
+    assert lr(60) == pytest.approx(0.05)  # cosine midpoint: half
+    assert lr(110) == pytest.approx(0.0, abs=1e-12) and 0 < lr(109) < 1e-4
+    assert train.lr_at(110, 0.1, 10, 110, min_lr=0.01) == pytest.approx(0.01)
+    assert train.lr_at(60, 0.1, 10, 110, min_lr=0.01) == pytest.approx(0.055)
+    assert train.lr_at(5, 0.1, 0, 10) == pytest.approx(0.05)  # no warmup: cosine from step 0
+
+
+def test_label_smoothing_and_mixup_losses_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    log_p = [2.0 - math.log(math.exp(2) + 1 + math.exp(-1)), -math.log(math.exp(2) + 1 + math.exp(-1)),
+             -1.0 - math.log(math.exp(2) + 1 + math.exp(-1))]
+    # Smoothing 0.1 over 3 classes: target 0 gets 0.9 + 0.1/3, the others 0.1/3.
+    expected = -((0.9 + 0.1 / 3) * log_p[0] + 0.1 / 3 * log_p[1] + 0.1 / 3 * log_p[2])
+    assert train.criterion(logits, torch.tensor([0]), 0.1).item() == pytest.approx(expected, rel=1e-6)
+    # Mixup 0.7 / 0.3 of classes 0 and 1, then smoothing: q = 0.9 * mix + 0.1 / 3.
+    mix = [0.7, 0.3, 0.0]
+    expected = -sum((0.9 * m + 0.1 / 3) * lp for m, lp in zip(mix, log_p))
+    soft = torch.tensor([mix])
+    assert train.criterion(logits, soft, 0.1).item() == pytest.approx(expected, rel=1e-6)
+    # bf16 logits are scored in float32.
+    assert train.criterion(logits.bfloat16(), torch.tensor([0]), 0.0).dtype == torch.float32
+
+
+def test_ema_update_follows_the_formula():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = utils.EMA(model, decay=0.99)
+    old = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.fill_(4.0)
+    ema.update(step=0)  # warm-up: mu = min(0.99, 1 / 10) = 0.1
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ema.state_dict()[name], 0.1 * old[name] + 0.9 * value)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema.update(step=10_000)  # mu = min(0.99, 10001 / 10010) = 0.99
+    torch.testing.assert_close(ema.state_dict()["0.weight"], 0.99 * before["0.weight"] + 0.01 * model[0].weight)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# ------------------------------------------------------------------------------ end-to-end runs
+
+def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(["--data", tiny_data, "--output-dir", out, "--epochs", "2", "--warmup-epochs", "1",
+                        "--workers", "1", *TINY])
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "best.pt", "last.pt", "metrics.jsonl"]
+    assert "global batch 4 = 4 x 1 process(es) x 1 accumulation; lr 0.08 per 4096 -> 7.8125e-05" in result.stdout
+    args = json.load(open(out / "args.json"))
+    assert args["arch"] == "b0" and args["weight_decay"] == 1e-5 and args["dropout"] == 0.2
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(row) == {"epoch", "lr", "train_loss", "images_per_sec", "epoch_seconds",
+                            "val_top1", "val_top5", "val_loss"}
+    # The last step of the schedule (6 steps per epoch, 6 warmup steps, 12 in all) is step 11.
+    assert rows[-1]["lr"] == pytest.approx(train.lr_at(11, 0.08 * 4 / 4096, 6, 12))
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["epoch"], last["epoch_step"], last["step"]) == (2, 0, 12)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
+    best = torch.load(out / "best.pt", weights_only=True)
+    best_epoch = max(range(2), key=lambda i: (rows[i]["val_top1"], -i))  # first epoch with the best top-1
+    assert best["epoch"] == best_epoch + 1 and best["best_top1"] == rows[best_epoch]["val_top1"]
+    evaluation = run_train(["--evaluate", "--resume", out / "last.pt", "--data", tiny_data, *TINY])
+    assert evaluation.returncode == 0, evaluation.stderr
+    result = last_json(evaluation.stdout)
+    assert result == {"top1": rows[-1]["val_top1"], "top5": rows[-1]["val_top5"],
+                      "loss": rows[-1]["val_loss"], "images": 9}
+
+
+def test_two_processes_agree_count_once_and_only_rank0_writes(tiny_data, tmp_path):
+    out, spy = tmp_path / "run", tmp_path / "spy"
+    spy.mkdir()
+    result = run_train(["--data", tiny_data, "--output-dir", out, "--epochs", "2", "--warmup-epochs", "1",
+                        "--workers", "1", "--accum-steps", "2", "--ema-decay", "0.9", "--mixup", "0.2", *TINY],
+                       nproc=2, script=SPY, env={"SPY_DIR": str(spy), "SPY_WATCH": str(out)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 16 = 4 x 2 process(es) x 2 accumulation; lr 0.08 per 4096 -> 0.0003125" in result.stdout
+    ranks = [json.load(open(spy / f"rank{r}.json")) for r in range(2)]
+    assert ranks[1]["writes"] == []  # rank 1 opened, renamed, linked or saved nothing in the run folder
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "best.pt", "last.pt", "metrics.jsonl"]
+    # Each evaluation counted the 9 val images once in total (shards of 5 and 4) and both ranks
+    # report the same numbers: the model and the EMA, two epochs.
+    assert len(ranks[0]["evaluations"]) == 4
+    assert all(e["images"] == 9 for r in ranks for e in r["evaluations"])
+    assert ranks[0]["evaluations"] == ranks[1]["evaluations"]
+    # Both ranks evaluated bitwise-identical models, equal to what rank 0 saved.
+    saved = torch.load(out / "last.pt", weights_only=True)
+    for i in range(4):
+        states = [torch.load(spy / f"rank{r}_eval{i}.pt", weights_only=True) for r in range(2)]
+        for name, value in states[0].items():
+            assert torch.equal(value, states[1][name]), (i, name)
+    for name, value in torch.load(spy / "rank0_eval2.pt", weights_only=True).items():
+        assert torch.equal(value, saved["model"][name]), name
+    for name, value in torch.load(spy / "rank0_eval3.pt", weights_only=True).items():
+        assert torch.equal(value, saved["ema"][name]), name
+    # The distributed numbers are those of a single-process evaluation of the same checkpoint.
+    rows = read_metrics(out)
+    single = last_json(run_train(["--evaluate", "--resume", out / "last.pt", "--data", tiny_data, *TINY]).stdout)
+    assert single["top1"] == rows[-1]["val_top1"] and single["top5"] == rows[-1]["val_top5"]
+    assert single["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+    assert single["ema_top1"] == rows[-1]["val_ema_top1"]
+
+
+def test_torchvision_weights_evaluate_like_torchvision(tiny_data, tmp_path):
+    reference = randomize_(torchvision.models.efficientnet_b0(), seed=4).eval()
+    torch.save(reference.state_dict(), tmp_path / "tv_b0.pth")
+    result = run_train(["--evaluate", "--weights", tmp_path / "tv_b0.pth", "--data", tiny_data,
+                        "--num-classes", "1000", *TINY])
+    assert result.returncode == 0, result.stderr
+    ours = last_json(result.stdout)
+    # torchvision's own pipeline on the same files: Resize(36) + CenterCrop(32), bicubic, normalise.
+    tf = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    dataset = torchvision.datasets.ImageFolder(os.path.join(tiny_data, "val"), tf)
+    images = torch.stack([x for x, _ in dataset])
+    labels = torch.tensor([y for _, y in dataset])
+    with torch.no_grad():
+        logits = reference(images)
+    top5 = logits.topk(5, 1).indices == labels[:, None]
+    assert ours["images"] == len(dataset) == 9
+    assert ours["top1"] == pytest.approx(100 * top5[:, 0].float().mean().item())
+    assert ours["top5"] == pytest.approx(100 * top5.any(1).float().mean().item())
+    assert ours["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------- bad input
+
+def fails_with(capsys, args, message, code=2):
+    assert train.main([str(a) for a in args]) == code
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_exits_2_with_one_line(tiny_data, tmp_path, capsys):
+    base = ["--data", tiny_data, *TINY, "--output-dir", tmp_path / "out", "--workers", "0"]
+    with pytest.raises(SystemExit) as info:  # argparse's own checks: one line, exit 2 as well
+        train.main(["--data", tiny_data, "--opt", "adam"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "invalid choice: 'adam'" in err and len(err.splitlines()) == 1
+    fails_with(capsys, [*base, "--arch", "b9"], "unknown EfficientNet arch 'b9'; valid: b0, b1, b2, b3, b4, b5, b6, b7")
+    fails_with(capsys, [*base, "--batch-size", "0"], "--batch-size must be positive, got 0")
+    fails_with(capsys, [*base, "--image-size", "-32"], "--image-size must be positive")
+    fails_with(capsys, [*base, "--epochs", "0"], "--epochs must be positive")
+    fails_with(capsys, [*base, "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)")
+    fails_with(capsys, [*base, "--val-resize", "24"], "--val-resize 24 is smaller than --image-size 32")
+    fails_with(capsys, [*base, "--batch-size", "32"], "a step needs 32 images")
+    fails_with(capsys, [*base, "--data", tmp_path / "missing"], f"data folder {tmp_path / 'missing'} does not exist")
+    fails_with(capsys, [*base, "--evaluate"], "--evaluate needs --resume CHECKPOINT or --weights FILE")
+    fails_with(capsys, [*base, "--resume", "auto", "--output-dir", ""], "--resume auto needs --output-dir")
+    fails_with(capsys, [*base, "--resume", tmp_path / "nope.pt"], "nope.pt does not exist")
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    fails_with(capsys, [*base, "--resume", tmp_path / "corrupt.pt"], "corrupt.pt is corrupt or truncated")
+    torch.save(torchvision.models.efficientnet_b1().state_dict(), tmp_path / "b1.pth")
+    fails_with(capsys, [*base, "--weights", tmp_path / "b1.pth"], "does not fit this model")
+    fails_with(capsys, [*base, "--resume", tmp_path / "b1.pth"], "is not a train.py checkpoint")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pth")
+    fails_with(capsys, [*base, "--evaluate", "--weights", tmp_path / "resnet.pth"], "not an EfficientNet")
+
+
+def test_checkpoint_of_another_arch_and_occupied_output_dir(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--data", tiny_data, *TINY, "--output-dir", out, "--workers", "0", "--epochs", "1",
+            "--steps-per-epoch", "1", "--eval-every", "0"]
+    assert train.main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    fails_with(capsys, [*args, "--arch", "b1", "--resume", out / "last.pt"], "checkpoint is for b0, not b1: pass --arch b0")
+    fails_with(capsys, args, f"{out} already holds a run (last.pt): continue it with --resume auto")
+    handle = utils.lock_run_dir(str(out))  # as if a run were still writing there
+    try:
+        fails_with(capsys, [*args, "--resume", "auto", "--epochs", "2"], f"{out} is in use by a running run (pid {os.getpid()}")
+    finally:
+        handle.close()
+    assert train.main([str(a) for a in args + ["--resume", "auto"]]) == 0  # finished: nothing to do
+    assert "already finished its 1 epochs" in capsys.readouterr().out
+
+
+def test_corrupt_image_during_training_names_the_file(tiny_data, tmp_path):
+    data_root = make_imagenet(tmp_path / "data", train=8, val=3)
+    bad = os.path.join(data_root, "train", "b", "b_3.jpeg")
+    with open(bad, "r+b") as f:
+        f.truncate(200)
+    result = run_train(["--data", data_root, *TINY, "--output-dir", tmp_path / "out", "--workers", "1",
+                        "--epochs", "1"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot decode image {bad}")
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_data_is_learned(tmp_path):
+    # 240 steps of 32 images at 32 px, the recipe's optimizer and learning rate (0.08 per 4096).
+    out = tmp_path / "demo"
+    result = run_train(["--data", "demo", "--image-size", "32", "--val-resize", "32", "--batch-size", "32",
+                        "--min-crop-scale", "0.35", "--epochs", "5", "--warmup-epochs", "1",
+                        "--steps-per-epoch", "48", "--eval-every", "5", "--workers", "2", "--output-dir", out])
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(out)
+    losses = [r["train_loss"] for r in rows]
+    assert losses[-1] < 0.5 * losses[0] and losses == sorted(losses, reverse=True)
+    assert rows[-1]["val_top1"] >= 25.0  # ten classes: chance is 10% (this run gives 39.2 on the dev machine)

@@ -1,0 +1,532 @@
+"""Train or evaluate EfficientNet-B0..B7 on ImageNet with one hand-written DDP loop.
+
+    torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet        # NVIDIA's B0 recipe
+    python train.py --data demo --image-size 64 --epochs 8 ...             # CPU demo, no ImageNet
+    python train.py --evaluate --weights efficientnet_b0.pth --data /imagenet
+
+Exit codes: 0 finished (or --run-epochs done), 2 usage error (one line, no traceback),
+3 non-finite loss (nothing saved after it), 75 preempted by SIGTERM/SIGUSR1 (last.pt written:
+requeue with --resume auto). Under torchrun a worker's non-zero code reaches the shell as 1.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import utils
+from efficientnet import SCALING, canonical_arch, convert_state_dict, create_model
+from utils import UsageError
+
+EXIT_USAGE, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
+
+
+class Preempted(Exception):
+    pass
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see train.py --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def parse_args(argv=None):
+    p = Parser(description="Train or evaluate EfficientNet on ImageNet (torchrun for several GPUs).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="b0", help="b0..b7")
+    g.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data's class count)")
+    g.add_argument("--image-size", type=int, default=None, help="train and eval size (default: the member's resolution)")
+    g.add_argument("--val-resize", type=int, default=None, help="eval: resize the short side to this, then center-crop (default: image size + 32)")
+    g.add_argument("--dropout", type=float, default=None, help="before the classifier (default: the member's rate)")
+    g.add_argument("--drop-path", type=float, default=0.2, help="stochastic depth rate of the last block")
+    g.add_argument("--bn-eps", type=float, default=1e-5, help="BatchNorm eps (torchvision's b5-b7 weights: 1e-3)")
+    g.add_argument("--bn-momentum", type=float, default=0.1, help="BatchNorm momentum (torchvision's b5-b7 weights: 0.01)")
+    g.add_argument("--weights", default=None, help="start from (or --evaluate) a state dict: this repo's, torchvision's or timm's")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="ImageNet root (train/ and val/ class folders), 'demo' or 'synthetic'")
+    g.add_argument("--workers", type=int, default=8, help="loader processes per GPU/process")
+    g.add_argument("--autoaugment", action="store_true", help="torchvision's ImageNet AutoAugment policy")
+    g.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--opt", choices=["rmsprop", "sgd"], default="rmsprop", help="RMSprop (alpha .9, eps .01, momentum .9) or SGD (Nesterov, momentum .9)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate per 4096 images, scaled to the real global batch (default: 0.08 for b0-b3, 0.16 for b4-b7)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="where the cosine ends")
+    g.add_argument("--warmup-epochs", type=float, default=16, help="linear warmup length")
+    g.add_argument("--epochs", type=int, default=400, help="length of the schedule")
+    g.add_argument("--weight-decay", type=float, default=None, help="on all parameters, BatchNorm included (default: 1e-5 for b0-b3, 5e-6 for b4-b7)")
+    g.add_argument("--no-bn-weight-decay", action="store_true", help="no weight decay on BatchNorm parameters and biases (NVIDIA)")
+    g.add_argument("--batch-size", type=int, default=256, help="images per process and step")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, e.g. 0.9999 (0: off)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 (GradScaler); off on CPU")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<arch>-<date-time>)")
+    g.add_argument("--resume", default=None, help="checkpoint to continue, or 'auto': the newest good one in --output-dir")
+    g.add_argument("--evaluate", action="store_true", help="only evaluate --resume or --weights on the val set")
+    g.add_argument("--seed", type=int, default=0, help="every rank seeds with seed + rank")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (0: never)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between progress updates")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N steps (0: only at epoch ends)")
+    g.add_argument("--run-epochs", type=int, default=0, help="run this many epochs of the schedule, save and exit 0 (0: to the end)")
+    g.add_argument("--steps-per-epoch", type=int, default=0, help="cap the steps of an epoch, e.g. for smoke tests and throughput runs (0: the whole train set)")
+    g.add_argument("--max-nonfinite", type=int, default=20, help="fp16: stop after this many consecutive skipped steps (bf16/fp32 stop at the first)")
+    return p.parse_args(argv)
+
+
+def resolve_args(args):
+    """Fill the arch-dependent defaults and check every value before any work is done."""
+    try:
+        args.arch = canonical_arch(args.arch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    scaling, large = SCALING[args.arch], args.arch in ("b4", "b5", "b6", "b7")
+    args.image_size = args.image_size or scaling.resolution
+    args.val_resize = args.val_resize or args.image_size + 32  # NVIDIA: 224 -> 256, 380 -> 412
+    args.dropout = scaling.dropout if args.dropout is None else args.dropout
+    args.lr = args.lr if args.lr is not None else (0.16 if large else 0.08)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else (5e-6 if large else 1e-5)
+    positive = ["image_size", "val_resize", "batch_size", "accum_steps", "epochs", "lr", "log_every"]
+    non_negative = ["workers", "warmup_epochs", "min_lr", "weight_decay", "mixup", "grad_clip", "eval_every",
+                    "save_every_steps", "run_epochs", "steps_per_epoch", "bn_eps", "max_nonfinite"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ["dropout", "drop_path", "label_smoothing", "ema_decay", "bn_momentum"]:
+        if not 0 <= getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not 0 < args.min_crop_scale <= 1:
+        raise UsageError(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
+    if args.val_resize < args.image_size:
+        raise UsageError(f"--val-resize {args.val_resize} is smaller than --image-size {args.image_size}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UsageError(f"--num-classes must be positive, got {args.num_classes}")
+    if args.evaluate and not (args.resume or args.weights):
+        raise UsageError("--evaluate needs --resume CHECKPOINT or --weights FILE")
+    if args.resume and args.weights:
+        raise UsageError("give --resume (continue a run) or --weights (start from weights), not both")
+    if args.resume == "auto" and not args.output_dir:
+        raise UsageError("--resume auto needs --output-dir (the run folder to continue)")
+    if args.weights and not os.path.isfile(args.weights):
+        raise UsageError(f"--weights file {args.weights} does not exist")
+    return args
+
+
+def resolve_amp(choice, device):
+    cuda = device.type == "cuda"
+    if choice == "auto":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    if choice == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("--amp bf16: this GPU has no bfloat16; use --amp fp16")
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def lr_at(step, base_lr, warmup_steps, total_steps, min_lr=0.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup reaching base_lr at the last
+    warmup step, then a cosine from base_lr to min_lr at total_steps."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def criterion(logits, targets, label_smoothing):
+    """Cross-entropy in float32 with label smoothing; `targets` are class indices or, with mixup,
+    probabilities (smoothing then mixes those with the uniform distribution)."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def evaluate(model, loader, env, amp_dtype, expected_images):
+    """Top-1 / top-5 (percent) and mean cross-entropy over the whole val set. Each rank sums over
+    its shard (no padding duplicates); the sums meet in one all_reduce and the image count must
+    equal the val set's size."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top-1 hits, top-5 hits, images
+    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not (env.main and sys.stderr.isatty())):
+        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[1] += hits[:, 0].sum()
+        totals[2] += hits.any(dim=1).sum()
+        totals[3] += labels.numel()
+    loss, top1, top5, images = utils.all_reduce(totals, env).tolist()
+    if int(images) != expected_images:
+        raise RuntimeError(f"evaluation counted {int(images)} images but the val set has {expected_images}")
+    return {"top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images, "loss": loss / images,
+            "images": int(images)}
+
+
+def build_optimizer(model, args, lr):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        # NVIDIA's variant leaves BatchNorm weights/biases and all biases (the 1-d tensors) alone.
+        (no_decay if args.no_bn_weight_decay and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if args.opt == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=0.01, momentum=0.9)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+
+
+def prepare_run(args, env):
+    """-> (output_dir, checkpoint or None). Never clobbers a run: an output dir that holds one is
+    continued (--resume auto) or refused; a checkpoint of another arch is refused."""
+    checkpoint = None
+    if args.resume and args.resume != "auto":
+        checkpoint = utils.load_checkpoint(args.resume)
+        if "model" not in checkpoint or "epoch" not in checkpoint:
+            raise UsageError(f"{args.resume} is not a train.py checkpoint (bare weights go to --weights)")
+        output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.resume))
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output_dir = args.output_dir or utils.broadcast_object(os.path.join("runs", f"{args.arch}-{stamp}"), env)
+        if args.resume == "auto":
+            path, checkpoint, skipped = utils.newest_good_checkpoint(output_dir)
+            for problem in skipped:
+                log(env, f"warning: skipping {problem}")
+            if path:
+                log(env, f"resuming from {path}")
+        elif not args.evaluate and os.path.exists(os.path.join(output_dir, "last.pt")):
+            raise UsageError(f"{output_dir} already holds a run (last.pt): continue it with --resume auto, "
+                             f"or choose another --output-dir")
+    if checkpoint is not None and checkpoint["args"]["arch"] != args.arch:
+        raise UsageError(f"checkpoint is for {checkpoint['args']['arch']}, not {args.arch}: "
+                         f"pass --arch {checkpoint['args']['arch']}")
+    return output_dir, checkpoint
+
+
+def log(env, message):
+    if env.main:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env = utils.init_distributed()
+    try:
+        return run(resolve_args(args), env)
+    except (UsageError, data.DataError) as e:
+        # A bad file met in a loader worker arrives wrapped in the worker's traceback: keep its last
+        # line, without the "data.DataError: " that the traceback puts in front.
+        message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
+        print(f"error: {message}", file=sys.stderr)  # every rank: the one that met it may not be rank 0
+        return EXIT_USAGE
+    except NonFiniteLoss as e:
+        log(env, f"error: {e}")
+        return EXIT_NONFINITE
+    except Preempted as e:
+        log(env, str(e))
+        return EXIT_PREEMPTED
+    finally:
+        if env.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, env):
+    # ---------------------------------------------------------------- set-up
+    amp_dtype = resolve_amp(args.amp, env.device)
+    cuda = env.device.type == "cuda"
+    channels_last = cuda if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 as NVIDIA's recipe on A100
+    torch.backends.cudnn.allow_tf32 = True
+    output_dir, checkpoint = prepare_run(args, env)
+    if args.evaluate and checkpoint is None and not args.weights:
+        raise UsageError(f"--resume auto found no checkpoint in {output_dir} to evaluate")
+    if checkpoint is not None and checkpoint["epoch"] >= args.epochs and not args.evaluate:
+        log(env, f"the run in {output_dir} already finished its {args.epochs} epochs; nothing to do")
+        return 0
+    if not args.evaluate:  # rank 0 holds the run folder's lock until it exits; all ranks learn the outcome
+        lock = lock_error = None
+        if env.main:
+            os.makedirs(output_dir, exist_ok=True)
+            try:
+                lock = utils.lock_run_dir(output_dir)
+            except UsageError as e:
+                lock_error = str(e)
+        lock_error = utils.broadcast_object(lock_error, env)
+        if lock_error:
+            raise UsageError(lock_error)
+
+    # ---------------------------------------------------------------- data
+    train_set, val_set = data.build_datasets(args.data, args.image_size, args.val_resize, args.seed,
+                                             args.min_crop_scale, args.autoaugment, with_train=not args.evaluate)
+    num_classes = args.num_classes or len(val_set.classes)
+    val_loader = data.DeviceLoader(
+        data.build_loader(val_set, data.ShardSampler(len(val_set), env.rank, env.world_size),
+                          args.batch_size, args.workers, train=False, pin_memory=cuda), env.device, channels_last)
+
+    # ---------------------------------------------------------------- model
+    utils.seed_everything(args.seed + env.rank)
+    model = create_model(args.arch, num_classes, dropout=args.dropout, drop_path_rate=args.drop_path,
+                         bn_eps=args.bn_eps, bn_momentum=args.bn_momentum)
+    if args.weights:
+        try:
+            model.load_state_dict(convert_state_dict(utils.load_checkpoint(args.weights), model))
+        except ValueError as e:
+            raise UsageError(f"--weights {args.weights}: {e}") from None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    model.to(env.device, memory_format=memory_format)
+
+    if args.evaluate:
+        if env.world_size > 1 and args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        results = evaluate(torch.compile(model) if args.compile else model, val_loader, env, amp_dtype, len(val_set))
+        if checkpoint is not None and checkpoint.get("ema") is not None:
+            model.load_state_dict(checkpoint["ema"])
+            ema_results = evaluate(model, val_loader, env, amp_dtype, len(val_set))
+            results.update({f"ema_{k}": v for k, v in ema_results.items() if k != "images"})
+        log(env, json.dumps(results))
+        return 0
+
+    global_batch = args.batch_size * env.world_size * args.accum_steps
+    per_rank = math.ceil(len(train_set) / env.world_size)
+    if per_rank < args.batch_size * args.accum_steps:
+        raise UsageError(f"a step needs {global_batch} images (--batch-size {args.batch_size} x {env.world_size} "
+                         f"processes x --accum-steps {args.accum_steps}) but the train set has {len(train_set)}; "
+                         f"lower --batch-size")
+    train_sampler = data.TrainSampler(len(train_set), env.rank, env.world_size, args.seed)
+    train_loader = data.DeviceLoader(
+        data.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True, pin_memory=cuda),
+        env.device, channels_last)
+    steps_per_epoch = per_rank // args.batch_size // args.accum_steps
+    if args.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    base_lr = args.lr * global_batch / 4096
+
+    if args.sync_bn and env.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = env.world_size > 1
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if cuda else None) if ddp else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    eval_model = torch.compile(model) if args.compile else model
+    optimizer = build_optimizer(model, args, base_lr)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    ema = utils.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, start_step, step, best_top1, history = 0, 0, 0, -1.0, []
+    loss_sum = torch.zeros((), device=env.device)  # sum of this epoch's step losses on this rank
+    skipped = torch.zeros((), dtype=torch.int64, device=env.device)  # non-finite steps this epoch
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            if checkpoint["ema"] is None:
+                raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
+            ema.load_state_dict(checkpoint["ema"])
+        start_epoch, start_step, step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
+        best_top1, history = checkpoint["best_top1"], checkpoint["history"]
+        loss_sum.fill_(checkpoint["loss_sum"])
+        skipped.fill_(checkpoint["skipped"])
+        same_layout = (checkpoint["world_size"], checkpoint["args"]["batch_size"], checkpoint["args"]["accum_steps"]) \
+            == (env.world_size, args.batch_size, args.accum_steps)
+        if same_layout:
+            utils.set_rng_state(checkpoint["rng"][env.rank])
+        else:
+            log(env, "warning: world size, batch size or accumulation changed since the checkpoint; "
+                     "the run continues, but not bit for bit as it would have")
+        changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
+                   if k in ("lr", "epochs", "warmup_epochs", "opt", "weight_decay", "mixup", "label_smoothing")
+                   and getattr(args, k) != v}
+        if changed:
+            log(env, "note: the command line changes " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+
+    if env.main:
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        utils.write_jsonl(os.path.join(output_dir, "metrics.jsonl"), history)
+
+    log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+             f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {num_classes} classes, "
+             f"{env.world_size} process(es) on {env.device.type}, amp {amp_dtype or 'off'}, "
+             f"{'channels_last' if channels_last else 'NCHW'}")
+    log(env, f"global batch {global_batch} = {args.batch_size} x {env.world_size} process(es) x "
+             f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {base_lr:.6g}; "
+             f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {warmup_steps} steps; "
+             f"output {output_dir}")
+
+    interactive = sys.stderr.isatty()
+    stop = utils.StopSignal(env)
+    trip_limit = args.max_nonfinite if scaler.is_enabled() else 1
+    trip_step = torch.full((), -1, dtype=torch.int64, device=env.device)  # 1-based step that hit the limit
+    consecutive = torch.zeros((), dtype=torch.int64, device=env.device)
+    ckpt_path = os.path.join(output_dir, "last.pt")
+
+    def check_finite():
+        """Collective, syncs: stop when a non-finite loss (fp16: too many skipped steps) was seen."""
+        flag = trip_step.clone()
+        flag[flag < 0] = 2 ** 62
+        flag = int(utils.all_reduce(flag, env, op=dist.ReduceOp.MIN).item())
+        if flag < 2 ** 62:
+            kept = f"{ckpt_path} kept as it was" if os.path.exists(ckpt_path) else "no checkpoint written"
+            what = "the loss was not finite" if trip_limit == 1 else f"{trip_limit} consecutive steps overflowed"
+            raise NonFiniteLoss(f"{what} at step {flag} (epoch {(flag - 1) // steps_per_epoch + 1}); stopped "
+                                f"without saving ({kept}). Try a lower --lr, --grad-clip or --amp bf16.")
+
+    def save(epoch, epoch_step):
+        """Collective (gathers every rank's RNG state); rank 0 writes last.pt atomically."""
+        check_finite()
+        state = {"args": vars(args), "epoch": epoch, "epoch_step": epoch_step, "step": step,
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "ema": ema.state_dict() if ema else None, "best_top1": best_top1, "history": history,
+                 "loss_sum": loss_sum.item(), "skipped": skipped.item(), "world_size": env.world_size,
+                 "rng": utils.gather_objects(utils.rng_state(), env)}
+        if env.main:
+            utils.save_atomic(state, ckpt_path)
+        utils.barrier(env)  # nobody exits (and so gets the others killed by torchrun) before the write
+
+    # ---------------------------------------------------------------- loop
+    epochs_run = 0
+    for epoch in range(start_epoch, args.epochs):
+        if args.run_epochs and epochs_run == args.run_epochs:
+            log(env, f"ran {epochs_run} epoch(s) as asked (--run-epochs); continue with --resume auto")
+            return 0
+        first_step = start_step if epoch == start_epoch else 0
+        if first_step == 0:
+            loss_sum.zero_()
+            skipped.zero_()
+        train_sampler.set_epoch(epoch, skip=first_step * args.accum_steps * args.batch_size)
+        train_model.train()
+        batches = iter(train_loader)
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not (env.main and interactive), dynamic_ncols=True)
+        start_time = interval_start = time.time()
+        interval_loss, interval_steps = loss_sum.clone(), 0
+        for epoch_step in range(first_step, steps_per_epoch):
+            lr = lr_at(step, base_lr, warmup_steps, total_steps, args.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=env.device)
+            for micro in range(args.accum_steps):
+                images, labels = next(batches)
+                targets = labels
+                if args.mixup > 0:
+                    images, targets = data.mixup(images, labels, num_classes, random.betavariate(args.mixup, args.mixup))
+                # Gradients are all-reduced on the last micro-batch only.
+                sync = contextlib.nullcontext() if not ddp or micro == args.accum_steps - 1 else train_model.no_sync()
+                with sync:
+                    with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = train_model(images)
+                    loss = criterion(logits, targets, args.label_smoothing) / args.accum_steps
+                    scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            loss_sum += step_loss
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)  # true gradients for the overflow check and for clipping
+                bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+            else:
+                bad = ~torch.isfinite(step_loss)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)  # skips the update when fp16 gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(step)
+            # Device-side bookkeeping of non-finite steps: read at log/save time only (no sync here).
+            consecutive.mul_(bad).add_(bad.long())
+            skipped.add_(bad.long())
+            trip_step.copy_(torch.where((trip_step < 0) & (consecutive >= trip_limit), step + 1, trip_step))
+            step += 1
+            interval_steps += 1
+            bar.update(1)
+
+            last = epoch_step + 1 == steps_per_epoch
+            if step % args.log_every == 0 or last:
+                check_finite()  # the one sync of the interval (reads the device counters)
+                now = time.time()
+                interval_mean = (loss_sum - interval_loss).item() / interval_steps
+                rate = interval_steps * global_batch / max(now - interval_start, 1e-9)
+                bar.set_postfix(loss=f"{interval_mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                if not interactive:  # log files get one plain line per interval instead of a bar
+                    eta = (steps_per_epoch - epoch_step - 1) * global_batch / rate
+                    log(env, f"epoch {epoch + 1}/{args.epochs} step {epoch_step + 1}/{steps_per_epoch} "
+                             f"loss {interval_mean:.4f} lr {lr:.4g} {rate:.0f} img/s epoch eta {eta / 60:.1f} min")
+                interval_start, interval_loss, interval_steps = now, loss_sum.clone(), 0
+            if stop.requested():
+                save(epoch, epoch_step + 1)
+                bar.close()
+                raise Preempted(f"stopped by {stop.name} at step {step} (epoch {epoch + 1}); wrote {ckpt_path}. "
+                                f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
+            if args.save_every_steps and step % args.save_every_steps == 0 and not last:
+                save(epoch, epoch_step + 1)
+        bar.close()
+        train_seconds = time.time() - start_time
+
+        # ------------------------------------------------------------ evaluate, log, save
+        epoch_loss = utils.all_reduce(loss_sum.clone(), env).item() / (steps_per_epoch * env.world_size)
+        row = {"epoch": epoch + 1, "lr": lr_at(step - 1, base_lr, warmup_steps, total_steps, args.min_lr),
+               "train_loss": epoch_loss,
+               "images_per_sec": (steps_per_epoch - first_step) * global_batch / train_seconds,
+               "epoch_seconds": train_seconds}
+        if scaler.is_enabled():
+            row["skipped_steps"] = int(utils.all_reduce(skipped.clone(), env, op=dist.ReduceOp.MAX).item())
+        evaluated = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
+        if evaluated:
+            utils.broadcast_buffers(model, env)  # all ranks evaluate (and rank 0 saves) the same model
+            row.update({f"val_{k}": v for k, v in evaluate(eval_model, val_loader, env, amp_dtype, len(val_set)).items()
+                        if k != "images"})
+            if ema is not None:
+                utils.broadcast_buffers(ema.module, env)
+                row.update({f"val_ema_{k}": v for k, v in evaluate(ema.module, val_loader, env, amp_dtype,
+                                                                    len(val_set)).items() if k != "images"})
+        history.append(row)
+        is_best = evaluated and row["val_top1"] > best_top1
+        if is_best:
+            best_top1 = row["val_top1"]
+        save(epoch + 1, 0)
+        if env.main:
+            utils.write_jsonl(os.path.join(output_dir, "metrics.jsonl"), history)
+            if is_best:
+                utils.copy_atomic(ckpt_path, os.path.join(output_dir, "best.pt"))
+        summary = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        log(env, summary)
+        epochs_run += 1
+        if stop.requested():
+            raise Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; wrote {ckpt_path}. "
+                            f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
+    log(env, f"done: best val top-1 {best_top1:.3f}" if best_top1 >= 0 else "done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

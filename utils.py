@@ -1,0 +1,276 @@
+"""Small pieces train.py builds on: torchrun set-up, checkpoint files, RNG state, signals, EMA."""
+import copy
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """Bad command-line input: train.py prints the message on one line and exits with code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    control: object = None  # a gloo group for CPU-side agreement (stop signals), None when alone
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_distributed():
+    """torchrun's environment -> Dist. Plain `python train.py` is world size 1, no process group.
+    NCCL on CUDA, gloo on CPU; one GPU per process (LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size == 1:
+        return Dist(device=device)
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    # Stop flags are agreed on every step; a gloo group keeps that off the GPU stream (no sync).
+    control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+    return Dist(rank, local_rank, world_size, device, control)
+
+
+def all_reduce(tensor, env, op=dist.ReduceOp.SUM, group=None):
+    if env.world_size > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def broadcast_object(obj, env):
+    """Rank 0's `obj` on every rank."""
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, env):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(module, env):
+    """Give every rank rank 0's BatchNorm statistics (each rank's running stats follow its own
+    batches), so that all ranks evaluate and save the very same model."""
+    if env.world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def barrier(env):
+    if env.world_size > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Random state: every generator a run draws from, per rank
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    keys = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (keys[0], torch.from_numpy(keys[1].astype(np.int64)), *keys[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(state, path):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
+    moment leaves either the old file or the new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(folder)
+
+
+def copy_atomic(src, dst):
+    """`dst` becomes the file `src` is now: a hard link (no copy) where the file system allows it."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp.{os.getpid()}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(folder)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True; a missing, truncated or foreign file raises UsageError."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and torch errors alike mean: not a usable checkpoint
+        raise UsageError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); resume from another one") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} is not a checkpoint or state dict (it holds a {type(state).__name__})")
+    return state
+
+
+def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
+    """(path, state) of the newest checkpoint in `folder` that loads, skipping corrupt ones and
+    reporting them in the third item; (None, None, skipped) when there is none."""
+    candidates = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    candidates.sort(key=os.path.getmtime, reverse=True)
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except UsageError as e:
+            skipped.append(str(e))
+            continue
+        if "model" in state and "epoch" in state:
+            return path, state, skipped
+        skipped.append(f"{path} holds no training state")
+    return None, None, skipped
+
+
+def write_jsonl(path, rows):
+    """Rewrite `path` with one JSON object per line, atomically."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def lock_run_dir(folder):
+    """Hold an exclusive lock on `folder` for this process's life; a folder locked by a running run
+    raises UsageError naming its owner."""
+    handle = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"{folder} is in use by a running run ({owner}); wait for it to end or "
+                         f"choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+
+class StopSignal:
+    """Records SIGTERM / SIGUSR1 (SLURM's warning signal) instead of dying; the training loop asks
+    `requested()` at every step boundary, and all ranks agree if any rank got a signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, env):
+        self.env, self.name = env, None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._record)
+
+    def _record(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def requested(self):
+        """Collective: every rank must call it at the same step."""
+        if self.env.world_size == 1:
+            return self.name is not None
+        flag = torch.tensor([self.name is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.control)
+        return bool(flag.item())  # a CPU tensor: no device synchronisation
+
+
+# ---------------------------------------------------------------------------------------------
+# Exponential moving average of the weights
+
+class EMA:
+    """ema = mu * ema + (1 - mu) * model for every floating-point parameter and buffer, with
+    NVIDIA's warm-up of the decay: mu = min(decay, (1 + step) / (10 + step))."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        # Aliases of the live tensors: the optimizer and load_state_dict update them in place.
+        self._model = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self._ema = [t for t in self.module.state_dict().values() if t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step):
+        mu = min(self.decay, (1.0 + step) / (10.0 + step))
+        torch._foreach_lerp_(self._ema, self._model, 1.0 - mu)
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state)
