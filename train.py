@@ -145,6 +145,9 @@ def resolve_amp(choice, device):
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     if choice == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UsageError("--amp bf16: this GPU has no bfloat16; use --amp fp16")
+    if choice == "fp16" and not cuda:
+        # PyTorch's float16 kernels on the CPU give NaN gradients here (torchvision's model too).
+        raise UsageError("--amp fp16 is for GPUs: on the CPU use --amp bf16 or --amp off")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
@@ -275,6 +278,7 @@ def run(args, env):
             os.makedirs(output_dir, exist_ok=True)
             try:
                 lock = utils.lock_run_dir(output_dir)
+                utils.remove_stale_temporaries(output_dir)  # left by a run killed while saving
             except UsageError as e:
                 lock_error = str(e)
         lock_error = utils.broadcast_object(lock_error, env)
@@ -345,7 +349,8 @@ def run(args, env):
     # ---------------------------------------------------------------- resume
     start_epoch, start_step, step, best_top1, history = 0, 0, 0, -1.0, []
     loss_sum = torch.zeros((), device=env.device)  # sum of this epoch's step losses on this rank
-    skipped = torch.zeros((), dtype=torch.int64, device=env.device)  # non-finite steps this epoch
+    # Non-finite steps: bf16/fp32 stop at the first; fp16 stops after --max-nonfinite skips in a row.
+    watch = utils.NonFiniteWatch(args.max_nonfinite if scaler.is_enabled() else 1, env.device)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -355,15 +360,19 @@ def run(args, env):
             ema.load_state_dict(checkpoint["ema"])
         start_epoch, start_step, step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
         best_top1, history = checkpoint["best_top1"], checkpoint["history"]
-        loss_sum.fill_(checkpoint["loss_sum"])
-        skipped.fill_(checkpoint["skipped"])
-        same_layout = (checkpoint["world_size"], checkpoint["args"]["batch_size"], checkpoint["args"]["accum_steps"]) \
+        ranks = checkpoint["ranks"]  # per-rank state: RNG streams and this epoch's running sums
+        same_layout = (len(ranks), checkpoint["args"]["batch_size"], checkpoint["args"]["accum_steps"]) \
             == (env.world_size, args.batch_size, args.accum_steps)
         if same_layout:
-            utils.set_rng_state(checkpoint["rng"][env.rank])
+            utils.set_rng_state(ranks[env.rank]["rng"])
+            loss_sum.fill_(ranks[env.rank]["loss_sum"])
+            watch.skipped.fill_(ranks[env.rank]["skipped"])
         else:
             log(env, "warning: world size, batch size or accumulation changed since the checkpoint; "
                      "the run continues, but not bit for bit as it would have")
+            if env.main:
+                loss_sum.fill_(sum(r["loss_sum"] for r in ranks))
+                watch.skipped.fill_(max(r["skipped"] for r in ranks))
         changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
                    if k in ("lr", "epochs", "warmup_epochs", "opt", "weight_decay", "mixup", "label_smoothing")
                    and getattr(args, k) != v}
@@ -386,30 +395,25 @@ def run(args, env):
 
     interactive = sys.stderr.isatty()
     stop = utils.StopSignal(env)
-    trip_limit = args.max_nonfinite if scaler.is_enabled() else 1
-    trip_step = torch.full((), -1, dtype=torch.int64, device=env.device)  # 1-based step that hit the limit
-    consecutive = torch.zeros((), dtype=torch.int64, device=env.device)
     ckpt_path = os.path.join(output_dir, "last.pt")
 
     def check_finite():
         """Collective, syncs: stop when a non-finite loss (fp16: too many skipped steps) was seen."""
-        flag = trip_step.clone()
-        flag[flag < 0] = 2 ** 62
-        flag = int(utils.all_reduce(flag, env, op=dist.ReduceOp.MIN).item())
-        if flag < 2 ** 62:
+        trip = watch.tripped_at(env)
+        if trip is not None:
             kept = f"{ckpt_path} kept as it was" if os.path.exists(ckpt_path) else "no checkpoint written"
-            what = "the loss was not finite" if trip_limit == 1 else f"{trip_limit} consecutive steps overflowed"
-            raise NonFiniteLoss(f"{what} at step {flag} (epoch {(flag - 1) // steps_per_epoch + 1}); stopped "
+            what = "the loss was not finite" if watch.limit == 1 else f"{watch.limit} consecutive steps overflowed"
+            raise NonFiniteLoss(f"{what} at step {trip} (epoch {(trip - 1) // steps_per_epoch + 1}); stopped "
                                 f"without saving ({kept}). Try a lower --lr, --grad-clip or --amp bf16.")
 
     def save(epoch, epoch_step):
-        """Collective (gathers every rank's RNG state); rank 0 writes last.pt atomically."""
+        """Collective (gathers every rank's RNG state and sums); rank 0 writes last.pt atomically."""
         check_finite()
         state = {"args": vars(args), "epoch": epoch, "epoch_step": epoch_step, "step": step,
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "ema": ema.state_dict() if ema else None, "best_top1": best_top1, "history": history,
-                 "loss_sum": loss_sum.item(), "skipped": skipped.item(), "world_size": env.world_size,
-                 "rng": utils.gather_objects(utils.rng_state(), env)}
+                 "ranks": utils.gather_objects({"rng": utils.rng_state(), "loss_sum": loss_sum.item(),
+                                                "skipped": watch.skipped.item()}, env)}
         if env.main:
             utils.save_atomic(state, ckpt_path)
         utils.barrier(env)  # nobody exits (and so gets the others killed by torchrun) before the write
@@ -423,7 +427,7 @@ def run(args, env):
         first_step = start_step if epoch == start_epoch else 0
         if first_step == 0:
             loss_sum.zero_()
-            skipped.zero_()
+            watch.skipped.zero_()
         train_sampler.set_epoch(epoch, skip=first_step * args.accum_steps * args.batch_size)
         train_model.train()
         batches = iter(train_loader)
@@ -462,10 +466,7 @@ def run(args, env):
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(step)
-            # Device-side bookkeeping of non-finite steps: read at log/save time only (no sync here).
-            consecutive.mul_(bad).add_(bad.long())
-            skipped.add_(bad.long())
-            trip_step.copy_(torch.where((trip_step < 0) & (consecutive >= trip_limit), step + 1, trip_step))
+            watch.update(bad, step + 1)  # on the device; read at log and save time only
             step += 1
             interval_steps += 1
             bar.update(1)
@@ -499,7 +500,7 @@ def run(args, env):
                "images_per_sec": (steps_per_epoch - first_step) * global_batch / train_seconds,
                "epoch_seconds": train_seconds}
         if scaler.is_enabled():
-            row["skipped_steps"] = int(utils.all_reduce(skipped.clone(), env, op=dist.ReduceOp.MAX).item())
+            row["skipped_steps"] = int(utils.all_reduce(watch.skipped.clone(), env, op=dist.ReduceOp.MAX).item())
         evaluated = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
         if evaluated:
             utils.broadcast_buffers(model, env)  # all ranks evaluate (and rank 0 saves) the same model

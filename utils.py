@@ -128,11 +128,16 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+def _temporary(path):
+    """(folder, hidden temporary name beside `path`) for the atomic writers below."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return folder, os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+
+
 def save_atomic(state, path):
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
     moment leaves either the old file or the new one, never a partial one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    folder, tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -147,8 +152,7 @@ def save_atomic(state, path):
 
 def copy_atomic(src, dst):
     """`dst` becomes the file `src` is now: a hard link (no copy) where the file system allows it."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp.{os.getpid()}")
+    folder, tmp = _temporary(dst)
     try:
         try:
             os.link(src, tmp)
@@ -161,6 +165,14 @@ def copy_atomic(src, dst):
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(folder)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of save_atomic / copy_atomic that a killed process left behind.
+    Only call it while holding the folder's lock (no live writer then)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and ".tmp." in name:
+            os.remove(os.path.join(folder, name))
 
 
 def load_checkpoint(path):
@@ -197,7 +209,7 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
 
 def write_jsonl(path, rows):
     """Rewrite `path` with one JSON object per line, atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    _, tmp = _temporary(path)
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
         f.flush()
@@ -242,12 +254,46 @@ class StopSignal:
         self.name = signal.Signals(signum).name
 
     def requested(self):
-        """Collective: every rank must call it at the same step."""
+        """Collective: every rank must call it at the same step. Afterwards `name` is the signal
+        on every rank, whichever rank received it."""
         if self.env.world_size == 1:
             return self.name is not None
-        flag = torch.tensor([self.name is not None], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.control)
-        return bool(flag.item())  # a CPU tensor: no device synchronisation
+        number = torch.tensor([signal.Signals[self.name].value if self.name else 0], dtype=torch.int32)
+        dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self.env.control)
+        # Decide on the reduced value only: a signal that arrives while this rank waits in the
+        # all_reduce is recorded when the call returns, too late for the other ranks' answer.
+        if number.item() == 0:  # a CPU tensor: no device synchronisation
+            return False
+        self.name = signal.Signals(number.item()).name
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite steps
+
+class NonFiniteWatch:
+    """Counts bad (non-finite) steps on the device, without synchronising: `skipped` in all, and
+    the first step at which `limit` bad steps came in a row. `tripped_at` reads it (collective)."""
+
+    NEVER = 2 ** 62
+
+    def __init__(self, limit, device):
+        self.limit = limit
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.trip = torch.full((), self.NEVER, dtype=torch.int64, device=device)
+
+    def update(self, bad, step):
+        """`bad`: a bool tensor for step number `step`."""
+        self.consecutive.copy_(torch.where(bad, self.consecutive + 1, 0))
+        self.skipped.add_(bad.long())
+        tripped = (self.trip == self.NEVER) & (self.consecutive >= self.limit)
+        self.trip.copy_(torch.where(tripped, step, self.trip))
+
+    def tripped_at(self, env):
+        """The first tripping step over all ranks, or None. Collective; synchronises."""
+        trip = int(all_reduce(self.trip.clone(), env, op=dist.ReduceOp.MIN).item())
+        return None if trip == self.NEVER else trip
 
 
 # ---------------------------------------------------------------------------------------------

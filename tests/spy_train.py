@@ -1,7 +1,7 @@
 """Run train.main (under torchrun or alone) and record, per rank, what tests cannot see from outside:
 the state of the model each rank evaluates, the evaluation results, and every write under
 $SPY_WATCH that a rank other than 0 attempts. Results go to $SPY_DIR/rank<R>.json and
-rank<R>_eval<i>.pt."""
+rank<R>_eval<i>.pt. It can also make chosen training losses NaN ($SPY_NAN_STEPS)."""
 import builtins
 import json
 import os
@@ -12,8 +12,8 @@ import torch
 import train
 
 rank = int(os.environ.get("RANK", "0"))
-spy_dir = os.environ["SPY_DIR"]
-watched = os.path.abspath(os.environ["SPY_WATCH"])  # the folder whose writes count (the run's)
+spy_dir = os.environ.get("SPY_DIR", ".")
+watched = os.path.abspath(os.environ.get("SPY_WATCH", spy_dir))  # the folder whose writes count
 real_open, real_save = builtins.open, torch.save
 writes = []
 
@@ -55,6 +55,18 @@ def spy_evaluate(model, *args, **kwargs):
 
 
 train.evaluate = spy_evaluate
+
+# $SPY_NAN_STEPS="a-b": the loss of this process's a-th to b-th training steps (1-based) is NaN.
+if os.environ.get("SPY_NAN_STEPS"):
+    first, last = map(int, os.environ["SPY_NAN_STEPS"].split("-"))
+    real_criterion, calls = train.criterion, [0]
+
+    def nan_criterion(*args, **kwargs):
+        calls[0] += 1
+        loss = real_criterion(*args, **kwargs)
+        return loss * float("nan") if first <= calls[0] <= last else loss
+
+    train.criterion = nan_criterion
 code = train.main(sys.argv[1:])
 with real_open(os.path.join(spy_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"writes": writes, "evaluations": evaluations, "code": code}, f)

@@ -230,7 +230,8 @@ def test_bf16_autocast_forward_and_backward():
         loss = out.float().logsumexp(1).mean()
     assert out.dtype == torch.bfloat16
     loss.backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")

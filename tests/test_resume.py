@@ -1,0 +1,232 @@
+"""Days-long runs: exact resume, preemption by signal, atomic checkpoints, non-finite losses."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, make_imagenet
+from test_train import SPY, TRAIN, read_metrics, run_train
+
+# Everything that draws random numbers or carries state is on: loader workers, drop path, dropout,
+# mixup, EMA. 48 train images: 12 steps of 4 per epoch in one process, 6 of 4 per rank in two.
+RUN = ["--image-size", "32", "--val-resize", "36", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1",
+       "--workers", "2", "--ema-decay", "0.9", "--mixup", "0.2", "--log-every", "1"]
+TIMING = ("images_per_sec", "epoch_seconds")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_imagenet(tmp_path_factory.mktemp("data"), train=16, val=3)
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    """The uninterrupted 2-epoch run, one process."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_train(["--data", data_root, "--output-dir", out, *RUN])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_two_ranks(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference2")
+    result = run_train(["--data", data_root, "--output-dir", out, *RUN, "--batch-size", "2"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def assert_same_run(out, reference):
+    """Bitwise-equal weights, EMA and optimizer state; equal metrics but for wall-clock figures."""
+    a = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(reference, "last.pt"), weights_only=True)
+    assert (a["epoch"], a["epoch_step"], a["step"]) == (b["epoch"], b["epoch_step"], b["step"])
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), (part, name)
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and len(state_a) == 213
+    for index, slots in state_a.items():
+        for slot, value in slots.items():
+            assert torch.equal(value, state_b[index][slot]), (index, slot)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    rows_a = [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(out)]
+    rows_b = [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(reference)]
+    assert rows_a == rows_b and len(rows_a) == 2
+
+
+def start(args, nproc=None, env=None):
+    cmd = [sys.executable, TRAIN] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
+    return subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
+
+
+def wait_for_line(process, text, timeout=300):
+    """Read the process's stdout until a line contains `text`; returns all lines read."""
+    lines, deadline = [], time.time() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if text in line or time.time() > deadline:
+            break
+    assert any(text in line for line in lines), "".join(lines)
+    return lines
+
+
+def children(pid):
+    """PIDs whose parent is `pid`."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def rank_pid(torchrun_pid, rank):
+    for pid in children(torchrun_pid):
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} under {torchrun_pid}")
+
+
+# ------------------------------------------------------------------------------- exact resume
+
+def test_one_epoch_then_resume_equals_uninterrupted(data_root, reference, tmp_path):
+    first = run_train(["--data", data_root, "--output-dir", tmp_path, *RUN, "--run-epochs", "1"])
+    assert first.returncode == 0, first.stderr
+    assert "ran 1 epoch(s) as asked (--run-epochs); continue with --resume auto" in first.stdout
+    assert len(read_metrics(tmp_path)) == 1
+    second = run_train(["--data", data_root, "--output-dir", tmp_path, *RUN, "--resume", "auto"])
+    assert second.returncode == 0, second.stderr
+    assert f"resuming from {tmp_path / 'last.pt'}" in second.stdout
+    assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(data_root, reference, tmp_path):
+    process = start(["--data", data_root, "--output-dir", tmp_path, *RUN])
+    wait_for_line(process, "epoch 2/2 step 3/12")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 75, err
+    assert "stopped by SIGTERM at step" in out and "Requeue with --resume auto" in out
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and 3 <= state["epoch_step"] < 12  # mid-epoch, right after the signal
+    resumed = run_train(["--data", data_root, "--output-dir", tmp_path, *RUN, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path, reference)
+
+
+def test_sigusr1_to_one_rank_stops_both_then_resume_equals_uninterrupted(data_root, reference_two_ranks,
+                                                                           tmp_path):
+    args = ["--data", data_root, "--output-dir", tmp_path, *RUN, "--batch-size", "2"]
+    process = start(args, nproc=2)
+    wait_for_line(process, "epoch 1/2 step 3/12")
+    os.kill(rank_pid(process.pid, 1), signal.SIGUSR1)  # SLURM's warning signal, to rank 1 only
+    out, err = process.communicate(timeout=300)
+    assert process.returncode != 0  # torchrun reports the ranks' exit code 75 as a failure
+    assert "stopped by SIGUSR1 at step" in out
+    assert "exitcode  : 75" in err
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and 3 <= state["epoch_step"] < 12 and len(state["ranks"]) == 2
+    resumed = run_train([*args, "--resume", "auto"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path, reference_two_ranks)
+
+
+def test_sigkill_loses_at_most_the_steps_since_the_last_save(data_root, reference, tmp_path):
+    process = start(["--data", data_root, "--output-dir", tmp_path, *RUN, "--save-every-steps", "3"])
+    wait_for_line(process, "epoch 2/2 step 8/12")
+    process.kill()  # no chance to save: the periodic checkpoint of step 12 + 6 is what is left
+    process.communicate(timeout=60)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] % 3 == 0 and state["step"] >= 18
+    resumed = run_train(["--data", data_root, "--output-dir", tmp_path, *RUN, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path, reference)
+
+
+# -------------------------------------------------------------------------- checkpoint files
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "last.pt"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch, utils\n"
+        "big = torch.arange(25_000_000, dtype=torch.float32)  # 100 MB: a write takes a while\n"
+        "for i in range(1, 10_000):\n"
+        "    utils.save_atomic({'i': i, 'x': big + i}, sys.argv[1])\n"), str(path)],
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    deadline = time.time() + 120
+    while not (path.exists() and glob.glob(str(tmp_path / ".last.pt.tmp.*"))) and time.time() < deadline:
+        time.sleep(0.01)  # wait until a first save is complete and a later one is being written
+    writer.kill()
+    writer.wait()
+    assert glob.glob(str(tmp_path / ".last.pt.tmp.*"))  # it died mid-write
+    state = utils.load_checkpoint(str(path))
+    i = state["i"]
+    assert i >= 1 and state["x"][0].item() == i and state["x"][-1].item() == 24_999_999 + i
+    utils.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_corrupt_last_checkpoint_falls_back_to_the_newest_good_one(data_root, tmp_path):
+    args = ["--data", data_root, "--output-dir", tmp_path, *RUN]
+    assert run_train([*args, "--run-epochs", "1"]).returncode == 0
+    good = torch.load(tmp_path / "best.pt", weights_only=True)
+    # last.pt and best.pt are one file (a hard link) until last.pt is next replaced; a later save
+    # that went wrong is simulated by a truncated file renamed over last.pt.
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "broken").write_bytes(data[: len(data) // 3])
+    os.replace(tmp_path / "broken", tmp_path / "last.pt")
+    resumed = run_train([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning: skipping checkpoint" in resumed.stdout and "last.pt is corrupt or truncated" in resumed.stdout
+    assert f"resuming from {tmp_path / 'best.pt'}" in resumed.stdout
+    assert good["epoch"] == 1 and len(read_metrics(tmp_path)) == 2
+
+
+# ---------------------------------------------------------------------------- non-finite loss
+
+def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path):
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    out = tmp_path / "run"
+    result = run_train(["--data", data_root, "--output-dir", out, *RUN, "--save-every-steps", "4",
+                        "--log-every", "100"], script=SPY, env={"SPY_DIR": str(spy), "SPY_NAN_STEPS": "15-100"})
+    assert result.returncode == 3, result.stderr
+    assert ("error: the loss was not finite at step 15 (epoch 2); stopped without saving "
+            f"({out / 'last.pt'} kept as it was)") in result.stdout
+    state = torch.load(out / "last.pt", weights_only=True)  # the end of epoch 1, not step 16
+    assert (state["epoch"], state["epoch_step"], state["step"]) == (1, 0, 12)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len(read_metrics(out)) == 1
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "best.pt", "last.pt", "metrics.jsonl"]
+
+
+def test_nonfinite_watch_counts_runs_of_bad_steps():
+    env = utils.Dist()
+    flags = [False, True, True, False, True, True, True, True, False, True]
+    for limit, trip in ((1, 2), (3, 7), (4, 8), (5, None)):
+        watch = utils.NonFiniteWatch(limit, "cpu")
+        for step, bad in enumerate(flags, start=1):
+            watch.update(torch.tensor(bad), step)
+        assert watch.tripped_at(env) == trip, limit
+        assert watch.skipped.item() == 7 and watch.consecutive.item() == 1
+
+
+def test_fp16_on_cpu_is_refused(data_root, tmp_path, capsys):
+    # PyTorch's CPU float16 kernels give NaN gradients (torchvision's EfficientNet as well).
+    import train
+    assert train.main(["--data", data_root, "--amp", "fp16", "--output-dir", str(tmp_path)]) == 2
+    assert "--amp fp16 is for GPUs: on the CPU use --amp bf16 or --amp off" in capsys.readouterr().err
