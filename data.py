@@ -4,7 +4,8 @@ Layout: DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG (torchvision Image
 `--data demo` and `--data synthetic` stand in for DATA without any files (see build_datasets).
 
 Workers only decode, crop and resize: samples leave them as uint8 (H, W, 3) tensors, which is
-exactly channels_last memory for the batch. Float conversion and normalisation happen once, on the
+exactly channels_last memory for the batch. Training crops are resized by torch's uint8 kernel;
+evaluation uses PIL, exactly as torchvision's published accuracies were measured. Float conversion and normalisation happen once, on the
 training device (DeviceLoader). Augmentation randomness is a pure function of (seed, epoch, sample
 index), so the data of a step never depends on worker count, rank count or where a run resumed.
 
@@ -22,6 +23,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,9 +87,18 @@ def to_uint8_hwc(img):
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
 
 
+def resized_crop(pixels, box, size):
+    """Crop `box` (left, top, right, bottom) of uint8 (H, W, 3) `pixels` and resize it to
+    (3, size, size) with antialiased bicubic interpolation: torch's uint8 kernel, twice as fast
+    as PIL's resize and within one level of it inside the crop."""
+    left, top, right, bottom = box
+    crop = pixels[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)  # a channels_last view
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+
+
 class TrainTransform:
     """RandomResizedCrop (bicubic) + horizontal flip [+ AutoAugment], uint8 (H, W, 3) out.
-    Crop and resize are one PIL call (resize with a box), so no intermediate crop is made."""
+    One resize of the crop region only; no float image is ever made."""
 
     def __init__(self, size, min_scale=0.08, autoaugment=False):
         self.size = size
@@ -99,16 +110,16 @@ class TrainTransform:
 
     def __call__(self, img, rng):
         box = random_resized_crop_box(*img.size, rng, self.scale)
-        img = img.resize((self.size, self.size), BICUBIC, box=box)
+        x = resized_crop(to_uint8_hwc(img), box, self.size)
         if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            x = x.flip(-1)
         if self.autoaugment is not None:
             # torchvision's AutoAugment draws from torch's global RNG: seed it from this sample's
             # generator inside fork_rng so that the caller's RNG stream is left as it was.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(rng.getrandbits(63))
-                img = self.autoaugment(img)
-        return to_uint8_hwc(img)
+                x = self.autoaugment(x)
+        return x.permute(1, 2, 0).contiguous()
 
 
 class ValTransform:

@@ -1,0 +1,145 @@
+"""Images per second of one loader worker (one core): decode + train transform, decode + val
+transform, this repo's pipeline against torchvision's ImageFolder with the textbook transforms
+(RandomResizedCrop / Resize + CenterCrop, flip, ToTensor, Normalize), on the same files.
+
+    python benchmarks/bench_data.py                    # writes 256 photo-like ImageNet-sized JPEGs
+    python benchmarks/bench_data.py --data /imagenet/val --images 2000
+
+What a worker does is timed whole: __getitem__ for every image, then default_collate of batches
+(float32 batches for the textbook pipeline, uint8 for this one). Pipelines alternate A/B over
+several rounds in one process with one thread; the table shows the median round.
+"""
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+
+def photo_like(seed, width=500, height=375):
+    """Smooth gradients, hard-edged shaded objects, fine texture and sensor noise: compresses to
+    40-120 KB at JPEG quality 90, like ImageNet's photos (which average about 110 KB)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.empty((height, width, 3), np.float32)
+    for c in range(3):
+        a, b, d = g.uniform(-0.4, 0.4, 3)
+        img[..., c] = 128 + a * (xx - width / 2) + b * (yy - height / 2) + 40 * d
+    for _ in range(g.integers(4, 9)):
+        cx, cy, r = g.uniform(0, width), g.uniform(0, height), g.uniform(20, 120)
+        if g.random() < 0.5:
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
+        else:
+            mask = (abs(xx - cx) < r) & (abs(yy - cy) < r * g.uniform(0.3, 1))
+        shade = 1 + 0.3 * np.sin(xx / g.uniform(5, 30)) * np.cos(yy / g.uniform(5, 30))
+        img[mask] = (g.uniform(0, 255, 3) * shade[..., None])[mask]
+    img += 12 * g.uniform(0, 1) * np.sin(xx / g.uniform(1.5, 4) + g.uniform(0, 6))[..., None]
+    img += g.normal(0, g.uniform(5, 30), img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def write_images(folder, count, classes=8):
+    sizes = []
+    for i in range(count):
+        os.makedirs(os.path.join(folder, f"c{i % classes}"), exist_ok=True)
+        buf = io.BytesIO()
+        photo_like(i).save(buf, "JPEG", quality=90)
+        with open(os.path.join(folder, f"c{i % classes}", f"img{i}.JPEG"), "wb") as f:
+            f.write(buf.getvalue())
+        sizes.append(len(buf.getvalue()))
+    return sizes
+
+
+class Ours(torch.utils.data.Dataset):
+    """This repo's ImageFolder and transform, addressed like TrainSampler does: (index, epoch)."""
+
+    def __init__(self, root, transform):
+        self.inner = data.ImageFolder(root, transform)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return self.inner[(index, 0)]
+
+
+def worker_pass(dataset, batch_size):
+    """What one loader worker does for the whole dataset: items, then collated batches."""
+    start = time.perf_counter()
+    for first in range(0, len(dataset), batch_size):
+        default_collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", help="a folder of class folders of images (default: generate JPEGs)")
+    parser.add_argument("--images", type=int, default=256, help="images to generate or to use")
+    parser.add_argument("--size", type=int, default=224, help="crop size")
+    parser.add_argument("--val-resize", type=int, default=256, help="eval resize (short side)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds; the median counts")
+    parser.add_argument("--json", default="bench_data.json", help="where to write the results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data
+        note = f"{root}"
+        if root is None:
+            root = tmp
+            sizes = write_images(tmp, args.images)
+            note = (f"{len(sizes)} generated 500x375 JPEGs, {min(sizes) // 1024}-{max(sizes) // 1024} KB "
+                    f"(mean {sum(sizes) // len(sizes) // 1024} KB)")
+        normalize = T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
+        bicubic = T.InterpolationMode.BICUBIC
+        textbook_train = T.Compose([T.RandomResizedCrop(args.size, interpolation=bicubic), T.RandomHorizontalFlip(),
+                                    T.ToTensor(), normalize])
+        textbook_val = T.Compose([T.Resize(args.val_resize, interpolation=bicubic), T.CenterCrop(args.size),
+                                  T.ToTensor(), normalize])
+        pipelines = {
+            "train: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_train),
+            "train: data.py": Ours(root, data.TrainTransform(args.size)),
+            "val: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_val),
+            "val: data.py": Ours(root, data.ValTransform(args.size, args.val_resize)),
+        }
+        for dataset in pipelines.values():  # keep --images of a large folder
+            samples = dataset.samples if hasattr(dataset, "samples") else dataset.inner.samples
+            random.Random(0).shuffle(samples)
+            del samples[args.images:]
+        rates = {name: [] for name in pipelines}
+        for _ in range(args.rounds):
+            for name, dataset in pipelines.items():  # A/B/A/B: drifts in machine speed hit both
+                rates[name].append(worker_pass(dataset, args.batch_size))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    ratio = {"train": median["train: data.py"] / median["train: torchvision ImageFolder + textbook"],
+             "val": median["val: data.py"] / median["val: torchvision ImageFolder + textbook"]}
+    print(f"data: {note}; {args.size}px crops, val resize {args.val_resize}, batches of {args.batch_size}, "
+          f"1 thread, median of {args.rounds} rounds")
+    print("| pipeline | images/s per worker | range over rounds |")
+    print("|---|---:|---:|")
+    for name, value in median.items():
+        print(f"| {name} | {value:.1f} | {min(rates[name]):.1f}-{max(rates[name]):.1f} |")
+    print(f"| **ratio, train** | **{ratio['train']:.2f}x** | |")
+    print(f"| **ratio, val** | **{ratio['val']:.2f}x** | |")
+    with open(args.json, "w") as f:
+        json.dump({"note": note, "args": vars(args), "rates": rates, "median": median, "ratio": ratio}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
