@@ -95,24 +95,83 @@ class DropPath(nn.Module):
         return f"rate={self.rate:.4f}"
 
 
+class _BatchNormSiLU(torch.autograd.Function):
+    """Training-mode BatchNorm followed by SiLU as one autograd node that keeps only its input x.
+    The standard pair keeps x (for BatchNorm), BN(x) (for SiLU) and, once more, its output (for the
+    next layer); here BN(x) is recomputed in backward (one cheap pass) into a buffer that then takes
+    the SiLU gradient in place. One activation-sized tensor less stored, and allocated, per pair."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        scale = invstd * weight  # BN(x) = x * scale + shift, per channel, in float32
+        shift = bias - mean * scale
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(shift.view(view), x, scale.view(view), out=torch.empty_like(x))
+        torch.ops.aten.silu_backward.grad_input(grad, y, grad_input=y)  # y now holds dL/dBN(x)
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return dx, dweight, dbias, None, None, None, None
+
+
 def bn_silu(bn, x):
     """SiLU(BatchNorm(x)). A function, not a module, so that torch's convert_sync_batchnorm (which
-    swaps BatchNorm modules for SyncBatchNorm) keeps the activation."""
-    return F.silu(bn(x))
+    swaps BatchNorm modules for SyncBatchNorm) keeps the activation. A plain BatchNorm2d in
+    training takes the memory-saving path; anything else runs the two modules as they are."""
+    if not torch.is_grad_enabled():
+        return F.silu(bn(x), inplace=True)
+    if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.track_running_stats or bn.momentum is None:
+        return F.silu(bn(x))
+    bn.num_batches_tracked.add_(1)  # as BatchNorm2d.forward does
+    return _BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
 
 
 class SqueezeExcite(nn.Module):
+    """Per-sample channel weights from the globally pooled input: (N, C, H, W) -> (N, C) in (0, 1).
+    The two 1x1 convolutions keep torchvision's shapes and names but run as matrix products."""
+
     def __init__(self, channels, reduced):
         super().__init__()
         self.reduce = nn.Conv2d(channels, reduced, 1)
         self.expand = nn.Conv2d(reduced, channels, 1)
 
     def forward(self, x):
-        s = x.mean((2, 3), keepdim=True)
-        s = self.reduce(s)
+        # A sum, then a scalar: sum's gradient is a broadcast view, mean's a full-size copy.
+        s = x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+        s = F.linear(s, self.reduce.weight.flatten(1), self.reduce.bias)
         s = F.silu(s)
-        s = self.expand(s)
-        return x * s.sigmoid()
+        s = F.linear(s, self.expand.weight.flatten(1), self.expand.bias)
+        return s.sigmoid()
+
+
+class GatedProjection(nn.Module):
+    """The block's 1x1 projection conv applied to x * gate, with the gate (N, C) folded into
+    per-sample weights instead: one batched matrix product, and x * gate, a tensor as large as the
+    block's widest, is neither computed, stored for backward, nor differentiated through.
+    `weight` has nn.Conv2d's shape (out, in, 1, 1), so state dicts are those of a 1x1 conv."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
+
+    def forward(self, x, gate):
+        n, c, h, w = x.shape
+        weight = self.weight.flatten(1)[None] * gate[:, None, :]  # (N, out, in)
+        if x.is_contiguous(memory_format=torch.channels_last):  # rows of (H*W, C): no copies
+            out = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), weight.transpose(1, 2))
+            return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+        return torch.bmm(weight, x.reshape(n, c, h * w)).view(n, -1, h, w)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size=(1, 1), bias=False"
 
 
 class MBConv(nn.Module):
@@ -128,7 +187,7 @@ class MBConv(nn.Module):
         self.dw_bn = norm(mid)
         # Paper quirk: the squeeze width comes from the block's INPUT channels, not the expanded ones.
         self.se = SqueezeExcite(mid, max(1, in_channels // 4))
-        self.project_conv = nn.Conv2d(mid, out_channels, 1, bias=False)
+        self.project_conv = GatedProjection(mid, out_channels)
         self.project_bn = norm(out_channels)
         self.drop_path = DropPath(drop_path_rate) if self.has_residual else nn.Identity()
 
@@ -139,8 +198,8 @@ class MBConv(nn.Module):
             x = bn_silu(self.expand_bn, x)
         x = self.dw_conv(x)
         x = bn_silu(self.dw_bn, x)
-        x = self.se(x)
-        x = self.project_conv(x)
+        gate = self.se(x)
+        x = self.project_conv(x, gate)  # 1x1 conv of x * gate (the squeeze-excite scaling)
         x = self.project_bn(x)  # linear bottleneck: no activation
         if self.has_residual:
             x = self.drop_path(x) + shortcut
@@ -211,6 +270,8 @@ class EfficientNet(nn.Module):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, GatedProjection):  # a 1x1 conv: fan_out = out channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / m.weight.shape[0]))
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
