@@ -122,13 +122,15 @@ class _BatchNormSiLU(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None
 
 
-def bn_silu(bn, x):
+def bn_silu(bn, x, lean=True):
     """SiLU(BatchNorm(x)). A function, not a module, so that torch's convert_sync_batchnorm (which
-    swaps BatchNorm modules for SyncBatchNorm) keeps the activation. A plain BatchNorm2d in
-    training takes the memory-saving path; anything else runs the two modules as they are."""
+    swaps BatchNorm modules for SyncBatchNorm) keeps the activation. With `lean`, a plain
+    BatchNorm2d in training takes the memory-saving path; otherwise, and under torch.compile (whose
+    inductor fuses and recomputes such pairs itself), the two modules run as they are."""
     if not torch.is_grad_enabled():
         return F.silu(bn(x), inplace=True)
-    if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.track_running_stats or bn.momentum is None:
+    if (not lean or type(bn) is not nn.BatchNorm2d or not bn.training or not bn.track_running_stats
+            or bn.momentum is None or torch.compiler.is_compiling()):
         return F.silu(bn(x))
     bn.num_batches_tracked.add_(1)  # as BatchNorm2d.forward does
     return _BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
@@ -153,16 +155,18 @@ class SqueezeExcite(nn.Module):
 
 
 class GatedProjection(nn.Module):
-    """The block's 1x1 projection conv applied to x * gate, with the gate (N, C) folded into
-    per-sample weights instead: one batched matrix product, and x * gate, a tensor as large as the
-    block's widest, is neither computed, stored for backward, nor differentiated through.
+    """The block's 1x1 projection conv applied to x * gate. With `lean`, the gate (N, C) is folded
+    into per-sample weights instead: one batched matrix product, and x * gate, a tensor as large as
+    the block's widest, is neither computed, stored for backward, nor differentiated through.
     `weight` has nn.Conv2d's shape (out, in, 1, 1), so state dicts are those of a 1x1 conv."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
 
-    def forward(self, x, gate):
+    def forward(self, x, gate, lean=True):
+        if not lean or torch.compiler.is_compiling():
+            return F.conv2d(x * gate[:, :, None, None], self.weight)
         n, c, h, w = x.shape
         weight = self.weight.flatten(1)[None] * gate[:, None, :]  # (N, out, in)
         if x.is_contiguous(memory_format=torch.channels_last):  # rows of (H*W, C): no copies
@@ -177,8 +181,9 @@ class GatedProjection(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual block: expand 1x1, depthwise kxk, squeeze-excite, project 1x1."""
 
-    def __init__(self, in_channels, out_channels, expand, kernel, stride, drop_path_rate, norm):
+    def __init__(self, in_channels, out_channels, expand, kernel, stride, drop_path_rate, norm, lean=True):
         super().__init__()
+        self.lean = lean
         mid = in_channels * expand
         self.has_residual = stride == 1 and in_channels == out_channels
         self.expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False) if expand != 1 else None
@@ -195,11 +200,11 @@ class MBConv(nn.Module):
         shortcut = x
         if self.expand_conv is not None:
             x = self.expand_conv(x)
-            x = bn_silu(self.expand_bn, x)
+            x = bn_silu(self.expand_bn, x, self.lean)
         x = self.dw_conv(x)
-        x = bn_silu(self.dw_bn, x)
+        x = bn_silu(self.dw_bn, x, self.lean)
         gate = self.se(x)
-        x = self.project_conv(x, gate)  # 1x1 conv of x * gate (the squeeze-excite scaling)
+        x = self.project_conv(x, gate, self.lean)  # 1x1 conv of x * gate (the squeeze-excite scaling)
         x = self.project_bn(x)  # linear bottleneck: no activation
         if self.has_residual:
             x = self.drop_path(x) + shortcut
@@ -230,9 +235,17 @@ def _forward_recompute(block, x):
 
 
 class EfficientNet(nn.Module):
+    """`lean_activations` (default on) stores fewer activations for backward: BatchNorm+SiLU pairs
+    keep only their input and recompute the normalisation in backward, and the squeeze-excite gate
+    is folded into the projection's weights. Same results and state dicts either way; measured
+    (benchmarks/bench_model.py, b0 224 px): on a CPU 0.73x torchvision's peak training memory at
+    1.2x its speed, on an H200 in bf16 0.78x torchvision's speed. Off, the blocks run torchvision's
+    operations. Under torch.compile the plain operations are traced either way."""
+
     def __init__(self, width=1.0, depth=1.0, dropout=0.2, num_classes=1000, drop_path_rate=0.2,
-                 bn_eps=1e-5, bn_momentum=0.1, stages=B0_STAGES):
+                 bn_eps=1e-5, bn_momentum=0.1, lean_activations=True, stages=B0_STAGES):
         super().__init__()
+        self.lean_activations = lean_activations
 
         def norm(channels):
             return nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
@@ -250,7 +263,7 @@ class EfficientNet(nn.Module):
                 # Paper quirk: the drop-path rate grows linearly with the GLOBAL block index.
                 rate = drop_path_rate * len(blocks) / num_blocks
                 blocks.append(MBConv(in_ch if j == 0 else out_ch, out_ch, expand, kernel,
-                                     stride if j == 0 else 1, rate, norm))
+                                     stride if j == 0 else 1, rate, norm, lean_activations))
         self.blocks = nn.Sequential(*blocks)
 
         head = round_filters(B0_HEAD, width)
@@ -287,14 +300,14 @@ class EfficientNet(nn.Module):
     def forward_features(self, x):
         """(N, 3, H, W) -> (N, num_features, H/32, W/32), before pooling."""
         x = self.stem_conv(x)
-        x = bn_silu(self.stem_bn, x)
+        x = bn_silu(self.stem_bn, x, self.lean_activations)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = _forward_recompute(block, x)
             else:
                 x = block(x)
         x = self.head_conv(x)
-        x = bn_silu(self.head_bn, x)
+        x = bn_silu(self.head_bn, x, self.lean_activations)
         return x
 
     def forward(self, x):
@@ -306,7 +319,8 @@ class EfficientNet(nn.Module):
 
 def create_model(arch, num_classes=1000, **overrides):
     """EfficientNet member `arch` ("b0".."b7" or "efficientnet_b0"...). `overrides` are
-    EfficientNet arguments, e.g. dropout=0.3, drop_path_rate=0.1, bn_eps=1e-3, bn_momentum=0.01."""
+    EfficientNet arguments, e.g. dropout=0.3, drop_path_rate=0.1, bn_eps=1e-3, bn_momentum=0.01,
+    lean_activations=False."""
     scaling = SCALING[canonical_arch(arch)]
     kwargs = dict(width=scaling.width, depth=scaling.depth, dropout=scaling.dropout)
     kwargs.update(overrides)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import efficientnet  # noqa: E402
 
 try:
@@ -36,6 +37,8 @@ except ImportError:
 def build(name, arch):
     if name == "ours":
         return efficientnet.create_model(arch)
+    if name == "ours-plain":
+        return efficientnet.create_model(arch, lean_activations=False)
     if name == "ours+ckpt":
         model = efficientnet.create_model(arch)
         model.set_grad_checkpointing(True)
@@ -61,7 +64,10 @@ class Bench:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         g = torch.Generator().manual_seed(1)
         size = args.image_size
-        self.x = torch.randn(args.batch_size, 3, size, size, generator=g).to(self.device, memory_format=fmt)
+        # Random pixels normalised as train.py does (float32 randn differs: denormals, other range).
+        pixels = torch.randint(0, 256, (args.batch_size, 3, size, size), generator=g).float()
+        mean, std = torch.tensor(data.IMAGENET_MEAN) * 255, torch.tensor(data.IMAGENET_STD) * 255
+        self.x = ((pixels - mean.view(3, 1, 1)) / std.view(3, 1, 1)).to(self.device, memory_format=fmt)
         self.y = torch.randint(0, 1000, (args.batch_size,), generator=g).to(self.device)
         self.forward = torch.compile(self.model) if args.compile else self.model
 
@@ -159,14 +165,15 @@ def main():
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--models", default="ours,torchvision" + (",timm" if timm else ""),
-                        help="comma-separated: ours, ours+ckpt, torchvision, timm")
+                        help="comma-separated: ours, ours-plain (lean_activations=False), ours+ckpt, torchvision, timm")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps per model first (CPU allocators settle slowly)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--json", default="bench_model.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True  # as train.py
     if args.child:
         return child_memory(args)
 
@@ -191,7 +198,7 @@ def main():
           f"amp {args.amp}, {'channels_last' if args.channels_last else 'NCHW'}"
           f"{', compiled' if args.compile else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {args.rounds * args.steps} steps")
-    ref = names[1] if len(names) > 1 and names[0].startswith("ours") else names[0]
+    ref = "torchvision" if "torchvision" in names else names[0]
     print("| model | train img/s | vs " + ref + " | infer img/s | vs " + ref +
           " | train peak MB | vs " + ref + " | saved for backward MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

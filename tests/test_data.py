@@ -163,15 +163,22 @@ def test_loader_batches_identical_with_and_without_workers(tmp_path):
 
 # ------------------------------------------------------------------------------- device side
 
-def test_device_normalisation_equals_totensor_normalize():
-    img = Image.fromarray(photo(40, 32))
-    reference = T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)(T.ToTensor()(img))
-    batch = (torch.stack([data.to_uint8_hwc(img)] * 2), torch.tensor([0, 1]))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_device_normalisation_equals_totensor_normalize(device):
+    images = [Image.fromarray(photo(40, 32, seed=i)) for i in range(3)]
+    references = [T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)(T.ToTensor()(img)) for img in images]
+    # Three batches: on CUDA the next one is copied and normalised on a side stream meanwhile.
+    batches = [(torch.stack([data.to_uint8_hwc(img)] * 2).pin_memory() if device == "cuda" else
+                torch.stack([data.to_uint8_hwc(img)] * 2), torch.tensor([i, i])) for i, img in enumerate(images)]
     for channels_last in (False, True):
-        x, y = next(iter(data.DeviceLoader([batch], "cpu", channels_last)))
-        assert x.shape == (2, 3, 32, 40) and x.dtype == torch.float32
-        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        assert (x[1] - reference).abs().max().item() < 1e-6
+        out = list(data.DeviceLoader(batches, device, channels_last))
+        assert len(out) == 3
+        for i, (x, y) in enumerate(out):
+            assert x.shape == (2, 3, 32, 40) and x.dtype == torch.float32 and x.device.type == device
+            assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert y.tolist() == [i, i]
+            assert (x[1].cpu() - references[i]).abs().max().item() < 1e-6
 
 
 def test_mixup_blends_images_and_targets():
