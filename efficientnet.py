@@ -155,19 +155,21 @@ class SqueezeExcite(nn.Module):
 
 
 class GatedProjection(nn.Module):
-    """The block's 1x1 projection conv applied to x * gate. With `lean`, the gate (N, C) is folded
-    into per-sample weights instead: one batched matrix product, and x * gate, a tensor as large as
-    the block's widest, is neither computed, stored for backward, nor differentiated through.
-    `weight` has nn.Conv2d's shape (out, in, 1, 1), so state dicts are those of a 1x1 conv."""
+    """The block's 1x1 projection conv applied to x * gate. With `lean`, in training, the gate
+    (N, C) is folded into per-sample weights instead: one batched matrix product, and x * gate, a
+    tensor as large as the block's widest, is neither computed, stored for backward, nor
+    differentiated through. The per-sample weights (N, out, in) are stored instead, which is less
+    only while H * W > out: smaller maps (the last stages, small images) and inference take the
+    plain conv. `weight` has nn.Conv2d's shape (out, in, 1, 1): state dicts are a 1x1 conv's."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
 
     def forward(self, x, gate, lean=True):
-        if not lean or torch.compiler.is_compiling():
-            return F.conv2d(x * gate[:, :, None, None], self.weight)
         n, c, h, w = x.shape
+        if not lean or not torch.is_grad_enabled() or torch.compiler.is_compiling() or h * w <= self.weight.shape[0]:
+            return F.conv2d(x * gate[:, :, None, None], self.weight)
         weight = self.weight.flatten(1)[None] * gate[:, None, :]  # (N, out, in)
         if x.is_contiguous(memory_format=torch.channels_last):  # rows of (H*W, C): no copies
             out = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), weight.transpose(1, 2))
@@ -238,9 +240,9 @@ class EfficientNet(nn.Module):
     """`lean_activations` (default on) stores fewer activations for backward: BatchNorm+SiLU pairs
     keep only their input and recompute the normalisation in backward, and the squeeze-excite gate
     is folded into the projection's weights. Same results and state dicts either way; measured
-    (benchmarks/bench_model.py, b0 224 px): on a CPU 0.73x torchvision's peak training memory at
-    1.2x its speed, on an H200 in bf16 0.78x torchvision's speed. Off, the blocks run torchvision's
-    operations. Under torch.compile the plain operations are traced either way."""
+    (benchmarks/bench_model.py, b0 224 px): on a CPU 0.66x torchvision's peak training memory at
+    1.5x its speed; on an H200 in bf16 an earlier form of it ran at 0.78x torchvision's speed. Off,
+    the blocks run torchvision's operations. Under torch.compile the plain ones are traced either way."""
 
     def __init__(self, width=1.0, depth=1.0, dropout=0.2, num_classes=1000, drop_path_rate=0.2,
                  bn_eps=1e-5, bn_momentum=0.1, lean_activations=True, stages=B0_STAGES):

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
     g.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-saving BN+SiLU and squeeze-excite (efficientnet.py; default: on for the CPU, where it "
-                        "is also faster, off for CUDA, where it measured 0.78x torchvision's speed on an H200)")
+                        "is also faster, off for CUDA, where an earlier form measured 0.78x torchvision's speed on an H200)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")

@@ -485,13 +485,12 @@ def saved_activation_bytes(model, x):
     return sum(n for ptr, n in storages.items() if ptr not in params and ptr != x.untyped_storage().data_ptr())
 
 
-def test_activation_memory_below_torchvision_and_halved_by_checkpointing():
-    # B0 at its resolution. (The projection keeps per-sample weights, N x out x in, which do not
-    # shrink with the image: at 128 px the ratio below is 0.82 instead of 0.68.)
-    x = torch.randn(2, 3, 224, 224).to(memory_format=torch.channels_last)
+def test_activation_memory_below_torchvision_and_cut_by_checkpointing():
+    # What autograd keeps between forward and backward, at 128 px (0.64 at 224, 0.665 at 64).
+    x = torch.randn(2, 3, 128, 128).to(memory_format=torch.channels_last)
     reference = torchvision.models.efficientnet_b0().train().to(memory_format=torch.channels_last)
     model = create_model("b0").train().to(memory_format=torch.channels_last)
     ours, theirs = saved_activation_bytes(model, x), saved_activation_bytes(reference, x)
-    assert ours < 0.72 * theirs  # what autograd keeps between forward and backward
+    assert ours < 0.68 * theirs
     model.set_grad_checkpointing(True)
-    assert saved_activation_bytes(model, x) < 0.5 * ours  # only block inputs
+    assert saved_activation_bytes(model, x) < 0.12 * ours  # only the block inputs (0.10)
