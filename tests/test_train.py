@@ -283,5 +283,5 @@ def test_demo_data_is_learned(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = read_metrics(out)
     losses = [r["train_loss"] for r in rows]
-    assert losses[-1] < 0.5 * losses[0] and min(losses[:3]) > max(losses[3:])
+    assert losses[-1] < 0.5 * losses[0] and losses[-1] == min(losses)
     assert rows[-1]["val_top1"] >= 20.0  # this run: 28.4 on the dev machine
