@@ -391,7 +391,7 @@ def run(args, env):
     log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in model.parameters()):,} parameters, "
              f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {num_classes} classes, "
              f"{env.world_size} process(es) on {env.device.type}, amp {amp_dtype or 'off'}, "
-             f"{'channels_last' if channels_last else 'NCHW'}{', lean activations' if lean else ''}")
+             f"{'channels_last' if channels_last else 'NCHW'}{', lean activations' if lean and not args.compile else ''}")
     log(env, f"global batch {global_batch} = {args.batch_size} x {env.world_size} process(es) x "
              f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {base_lr:.6g}; "
              f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {warmup_steps} steps; "
