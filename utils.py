@@ -1,4 +1,5 @@
 """Small pieces train.py builds on: torchrun set-up, checkpoint files, RNG state, signals, EMA."""
+import contextlib
 import copy
 import fcntl
 import json
@@ -128,21 +129,14 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def _temporary(path):
-    """(folder, hidden temporary name beside `path`) for the atomic writers below."""
+@contextlib.contextmanager
+def _replacing(path):
+    """Yields a hidden temporary name beside `path` to write; when the block succeeds the file is
+    renamed over `path` (atomic) and the folder fsynced, otherwise removed, `path` untouched."""
     folder = os.path.dirname(os.path.abspath(path))
-    return folder, os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-
-
-def save_atomic(state, path):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
-    moment leaves either the old file or the new one, never a partial one."""
-    folder, tmp = _temporary(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -150,21 +144,24 @@ def save_atomic(state, path):
     _fsync_dir(folder)
 
 
+def save_atomic(state, path):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
+    moment leaves either the old file or the new one, never a partial one."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def copy_atomic(src, dst):
     """`dst` becomes the file `src` is now: a hard link (no copy) where the file system allows it."""
-    folder, tmp = _temporary(dst)
-    try:
+    with _replacing(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(folder)
 
 
 def remove_stale_temporaries(folder):
@@ -209,12 +206,10 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
 
 def write_jsonl(path, rows):
     """Rewrite `path` with one JSON object per line, atomically."""
-    _, tmp = _temporary(path)
-    with open(tmp, "w") as f:
+    with _replacing(path) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def lock_run_dir(folder):

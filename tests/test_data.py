@@ -169,8 +169,9 @@ def test_device_normalisation_equals_totensor_normalize(device):
     images = [Image.fromarray(photo(40, 32, seed=i)) for i in range(3)]
     references = [T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)(T.ToTensor()(img)) for img in images]
     # Three batches: on CUDA the next one is copied and normalised on a side stream meanwhile.
-    batches = [(torch.stack([data.to_uint8_hwc(img)] * 2).pin_memory() if device == "cuda" else
-                torch.stack([data.to_uint8_hwc(img)] * 2), torch.tensor([i, i])) for i, img in enumerate(images)]
+    batches = [(torch.stack([data.to_uint8_hwc(img)] * 2), torch.tensor([i, i])) for i, img in enumerate(images)]
+    if device == "cuda":  # as the loader's pin_memory delivers them
+        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
     for channels_last in (False, True):
         out = list(data.DeviceLoader(batches, device, channels_last))
         assert len(out) == 3
