@@ -9,7 +9,8 @@ evaluation uses PIL, exactly as torchvision's published accuracies were measured
 training device (DeviceLoader). Augmentation randomness is a pure function of (seed, epoch, sample
 index), so the data of a step never depends on worker count, rank count or where a run resumed.
 
-    python data.py check DATA    # decode every file before a multi-day run; exit 1 on bad files
+    python data.py check DATA                          # decode every file before a multi-day run
+    python data.py sort-val DATA/val --labels LOC_val_solution.csv   # val as downloaded -> class folders
 """
 import argparse
 import atexit
@@ -17,6 +18,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import warnings
@@ -465,16 +467,105 @@ def check(root, workers):
     return 1 if bad else 0
 
 
+# ---------------------------------------------------------------------------------------------
+# python data.py sort-val VAL --labels FILE
+
+def read_val_labels(labels, meta=None):
+    """The wnid of each val image from one of the three published label files:
+    - Kaggle's LOC_val_solution.csv: {image id: wnid} (the first token of PredictionString);
+    - one wnid per line in file-name order (e.g. TF-slim's imagenet_2012_validation_synset_labels.txt);
+    - the devkit's ILSVRC2012_validation_ground_truth.txt (ILSVRC2012_IDs 1..1000 in file-name order,
+      an order that is NOT the sorted-wnid one) with the devkit's meta.mat to map them (needs scipy).
+    Returns a dict {image id: wnid} for the first, a list in file-name order for the others."""
+    with open(labels) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if lines and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
+        return {image_id: prediction.split()[0] for image_id, prediction in
+                (line.split(",", 1) for line in lines[1:])}
+    if all(re.fullmatch(r"n\d{8}", line) for line in lines):
+        return lines
+    if not all(line.isdigit() for line in lines):
+        raise DataError(f"{labels} is not a val label file: expected LOC_val_solution.csv, one wnid per "
+                        f"line, or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    if meta is None:
+        raise DataError(f"{labels} holds ILSVRC2012_IDs, whose order is not the wnids' order: add --meta "
+                        f"DEVKIT/data/meta.mat to map them")
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError("reading the devkit's meta.mat needs scipy (pip install scipy), or use Kaggle's "
+                        "LOC_val_solution.csv instead") from None
+    synsets = loadmat(meta, squeeze_me=True)["synsets"]
+    wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    try:
+        return [wnid_of[int(line)] for line in lines]
+    except KeyError as e:
+        raise DataError(f"{labels} has ILSVRC2012_ID {e.args[0]}, which {meta} does not list as a class") from None
+
+
+def sort_val(val_dir, labels, meta=None, out=None):
+    """Move (or, with `out`, hard-link) the loose val images of `val_dir` into <out or val_dir>/<wnid>/.
+    Idempotent: images already in their class folder are left alone. Nothing is touched unless
+    every image has a label and every label an image. Returns (placed now, already in place)."""
+    if not os.path.isdir(val_dir):
+        raise DataError(f"val folder {val_dir} does not exist")
+    out = out or val_dir
+    labelled = read_val_labels(labels, meta)
+    loose = sorted(e.name for e in os.scandir(val_dir) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    placed = {e.name: c.name for c in os.scandir(out) if c.is_dir()
+              for e in os.scandir(c.path) if e.is_file()} if os.path.isdir(out) else {}
+    if isinstance(labelled, list):  # in file-name order: pair with every image, loose or sorted
+        names = sorted(set(loose) | set(placed))
+        if len(names) != len(labelled):
+            raise DataError(f"{labels} labels {len(labelled)} images but {val_dir} holds {len(names)}: "
+                            f"is it the label file of this val set?")
+        labelled = dict(zip(names, labelled))
+    else:  # keyed by image id (file name without extension)
+        ids = {os.path.splitext(name)[0]: name for name in set(loose) | set(placed)}
+        unknown = sorted(set(ids) - set(labelled))
+        missing = sorted(set(labelled) - set(ids))
+        if unknown or missing:
+            raise DataError(f"{labels} and {val_dir} disagree: {len(missing)} labelled images missing "
+                            f"(e.g. {', '.join(missing[:2]) or '-'}), {len(unknown)} images without a label "
+                            f"(e.g. {', '.join(unknown[:2]) or '-'})")
+        labelled = {ids[i]: wnid for i, wnid in labelled.items()}
+    wrong = [f"{name} in {placed[name]}/" for name in placed if labelled[name] != placed[name]]
+    if wrong:
+        raise DataError(f"{len(wrong)} images sit in another class folder than {labels} says "
+                        f"(e.g. {wrong[0]}): was the folder sorted with another label file?")
+    todo = [name for name in loose if name not in placed]
+    for name in todo:
+        os.makedirs(os.path.join(out, labelled[name]), exist_ok=True)
+        src, dst = os.path.join(val_dir, name), os.path.join(out, labelled[name], name)
+        if out == val_dir:
+            os.replace(src, dst)
+        else:
+            os.link(src, dst)  # no copy of 6 GB: the same file under a second name
+    return len(todo), len(placed)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Data tools. `check DATA` decodes every image "
-                                     "file under DATA and lists the undecodable and odd ones.")
-    parser.add_argument("command", choices=["check"])
-    parser.add_argument("data", help="folder to scan (e.g. the ImageNet root)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    parser = argparse.ArgumentParser(description="ImageNet data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("check", help="decode every image file under DATA and list the undecodable "
+                                          "and odd ones (exit 1 on undecodable files)")
+    p.add_argument("data", help="folder to scan (e.g. the ImageNet root)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    p = commands.add_parser("sort-val", help="sort the 50,000 loose val images into VAL/<wnid>/ folders")
+    p.add_argument("val", help="the folder holding the val images (ILSVRC2012_val_*.JPEG)")
+    p.add_argument("--labels", required=True, help="LOC_val_solution.csv (Kaggle), a file of one wnid per "
+                   "line, or the devkit's ILSVRC2012_validation_ground_truth.txt (with --meta)")
+    p.add_argument("--meta", default=None, help="the devkit's data/meta.mat (with the devkit's ground truth; needs scipy)")
+    p.add_argument("--out", default=None, help="hard-link into OUT/<wnid>/ and leave VAL as it is (default: move within VAL)")
     args = parser.parse_args(argv)
     try:
-        return check(args.data, max(1, args.workers))
-    except DataError as e:
+        if args.command == "check":
+            return check(args.data, max(1, args.workers))
+        moved, present = sort_val(args.val, args.labels, args.meta, args.out)
+        print(f"{'linked' if args.out else 'moved'} {moved} images into class folders of "
+              f"{args.out or args.val}; {present} were already in place")
+        return 0
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -248,3 +248,82 @@ def test_check_command_reports_bad_and_odd_files(tmp_path):
     assert f"UNDECODABLE: {bad}" in result.stdout
     assert "cmyk.JPEG: mode CMYK" in result.stdout
     assert "checked 22 files: 1 undecodable, 1 odd formats" in result.stdout
+
+
+# -------------------------------------------------------------------------- data.py sort-val
+
+def make_loose_val(folder, wnids):
+    """Val as downloaded: ILSVRC2012_val_<n>.JPEG files in one folder, image n of class wnids[n-1]."""
+    os.makedirs(folder)
+    for n in range(1, len(wnids) + 1):
+        Image.fromarray(photo(20, 16, seed=n)).save(os.path.join(folder, f"ILSVRC2012_val_{n:08d}.JPEG"))
+    return folder
+
+
+def run_sort_val(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "sort-val", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_sort_val_from_kaggle_csv_moves_once_and_loads_as_image_folder(tmp_path):
+    wnids = ["n01440764", "n01443537", "n01440764", "n01484850", "n01443537", "n01484850"]
+    val = make_loose_val(tmp_path / "val", wnids)
+    csv = tmp_path / "LOC_val_solution.csv"
+    rows = [f"ILSVRC2012_val_{n:08d},{w} 1 2 30 40 {w} 5 6 7 8" for n, w in enumerate(wnids, 1)]
+    csv.write_text("ImageId,PredictionString\n" + "\n".join(reversed(rows)) + "\n")  # any row order
+    before = {n: os.stat(val / f"ILSVRC2012_val_{n:08d}.JPEG").st_ino for n in range(1, 7)}
+    result = run_sort_val(val, "--labels", csv)
+    assert result.returncode == 0, result.stderr
+    assert "moved 6 images" in result.stdout and "0 were already in place" in result.stdout
+    dataset = data.ImageFolder(str(val), transform=lambda img, rng: img)
+    assert dataset.classes == sorted(set(wnids))
+    assert sorted((os.path.basename(p), dataset.classes[c]) for p, c in dataset.samples) == sorted(
+        (f"ILSVRC2012_val_{n:08d}.JPEG", w) for n, w in enumerate(wnids, 1))
+    # Moved, not copied: the same inodes.
+    assert {n: os.stat(val / wnids[n - 1] / f"ILSVRC2012_val_{n:08d}.JPEG").st_ino for n in range(1, 7)} == before
+    again = run_sort_val(val, "--labels", csv)
+    assert again.returncode == 0 and "moved 0 images" in again.stdout and "6 were already in place" in again.stdout
+
+
+def test_sort_val_from_wnid_list_links_into_another_folder(tmp_path):
+    wnids = ["n00000002", "n00000001", "n00000002", "n00000001"]
+    val = make_loose_val(tmp_path / "flat", wnids)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(wnids) + "\n")
+    out = tmp_path / "val"
+    result = run_sort_val(val, "--labels", labels, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "linked 4 images" in result.stdout
+    for n, w in enumerate(wnids, 1):
+        name = f"ILSVRC2012_val_{n:08d}.JPEG"
+        assert os.path.samefile(val / name, out / w / name)  # a hard link: no second copy
+    assert run_sort_val(val, "--labels", labels, "--out", out).stdout.startswith("linked 0 images")
+
+
+def test_sort_val_refuses_mismatches_and_touches_nothing(tmp_path):
+    wnids = ["n00000001", "n00000002", "n00000001"]
+    val = make_loose_val(tmp_path / "val", wnids)
+    short = tmp_path / "short.txt"
+    short.write_text("n00000001\nn00000002\n")
+    result = run_sort_val(val, "--labels", short)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "labels 2 images but" in result.stderr and "holds 3" in result.stderr
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n00000001 1 2 3 4\n"
+                   "ILSVRC2012_val_00000009,n00000002 1 2 3 4\nILSVRC2012_val_00000003,n00000001 1 2 3 4\n")
+    result = run_sort_val(val, "--labels", csv)
+    assert result.returncode == 2 and "ILSVRC2012_val_00000009" in result.stderr
+    assert "ILSVRC2012_val_00000002" in result.stderr
+    devkit = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    devkit.write_text("490\n361\n171\n")
+    result = run_sort_val(val, "--labels", devkit)
+    assert result.returncode == 2 and "--meta" in result.stderr
+    assert sorted(os.listdir(val)) == [f"ILSVRC2012_val_{n:08d}.JPEG" for n in (1, 2, 3)]  # untouched
+    # Sorted with one file, then offered another that disagrees: refused.
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(wnids) + "\n")
+    assert run_sort_val(val, "--labels", good).returncode == 0
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("n00000002\nn00000001\nn00000001\n")
+    result = run_sort_val(val, "--labels", swapped)
+    assert result.returncode == 2 and "another class folder" in result.stderr
