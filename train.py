@@ -40,6 +40,16 @@ class NonFiniteLoss(Exception):
     pass
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none or the help text says it already
+    (the arch-dependent ones)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         print(f"error: {message} (see train.py --help)", file=sys.stderr)
@@ -48,7 +58,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = Parser(description="Train or evaluate EfficientNet on ImageNet (torchrun for several GPUs).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="b0", help="b0..b7")
     g.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data's class count)")
