@@ -315,3 +315,29 @@ class EMA:
 
     def load_state_dict(self, state):
         self.module.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard (optional package)
+
+class TensorBoard:
+    """`--tensorboard`: the interval and epoch figures as scalars in OUTPUT_DIR/tensorboard, for
+    rank 0 to write. The package is optional; without it the flag is a usage error at start."""
+
+    def __init__(self, folder):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard), "
+                             "or leave the flag out") from None
+        self.writer = SummaryWriter(folder)
+
+    def add(self, group, figures, step):
+        """`figures` {name: number} as scalars `group/name` at `step`; non-numbers are skipped."""
+        for name, value in figures.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{name}", value, step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
