@@ -4,16 +4,22 @@ Layout: DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG (torchvision Image
 `--data demo` and `--data synthetic` stand in for DATA without any files (see build_datasets).
 
 Workers only decode, crop and resize: samples leave them as uint8 (H, W, 3) tensors, which is
-exactly channels_last memory for the batch. Training crops are resized by torch's uint8 kernel;
-evaluation uses PIL, exactly as torchvision's published accuracies were measured. Float conversion and normalisation happen once, on the
-training device (DeviceLoader). Augmentation randomness is a pure function of (seed, epoch, sample
-index), so the data of a step never depends on worker count, rank count or where a run resumed.
+exactly channels_last memory for the batch. JPEGs are decoded by libjpeg-turbo through
+torchvision.io / TorchCodec (the same pixels as PIL, faster), everything else by PIL. Training crops
+are resized by torch's uint8 kernel; evaluation uses PIL, exactly as torchvision's published
+accuracies were measured. Float conversion and normalisation happen once, on the training device
+(DeviceLoader). With `decode="gpu"` the workers only read the bytes and draw the crop box and flip;
+DeviceLoader decodes the batch with one nvJPEG call and crops, resizes and flips on the GPU.
+Augmentation randomness is a pure function of (seed, epoch, sample index), so the data of a step
+never depends on worker count, rank count, decoder or where a run resumed.
 
     python data.py check DATA                          # decode every file before a multi-day run
     python data.py sort-val DATA/val --labels LOC_val_solution.csv   # val as downloaded -> class folders
 """
 import argparse
 import atexit
+import importlib.util
+import io
 import math
 import multiprocessing
 import os
@@ -21,6 +27,7 @@ import random
 import re
 import signal
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -45,10 +52,47 @@ class DataError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Decoding and transforms (run in the loader workers)
 
-def load_rgb(path):
-    """Decode any image file to an RGB PIL image; a file that cannot be decoded raises DataError."""
+READ_ATTEMPTS = 4  # a network file system's transient errors (EIO, ESTALE, timeouts) get 3 more tries
+READ_BACKOFF_SECONDS = 0.05  # doubled after each failed try: 0.05 + 0.1 + 0.2 s at most
+
+
+class RetryCount:
+    """How many file reads were retried, counted across the loader's worker processes (shared
+    memory, inherited by the workers): the training loop reports it per epoch."""
+
+    def __init__(self):
+        self.shared = multiprocessing.Value("q", 0)
+
+    def add(self, n):
+        with self.shared.get_lock():
+            self.shared.value += n
+
+    @property
+    def value(self):
+        return self.shared.value
+
+
+def read_file(path, retries=None):
+    """The bytes of `path`. A read that raises OSError is tried again, after a short backoff, up to
+    READ_ATTEMPTS times in all (each retry counted in `retries`, a RetryCount); then DataError."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise DataError(f"cannot read image {path}: {e.strerror or e} ({READ_ATTEMPTS} attempts; check the file "
+                                f"system, or remove the file)") from None
+            if retries is not None:
+                retries.add(1)
+            time.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
+
+
+def load_rgb(path, encoded=None):
+    """Decode any image file (or its bytes `encoded`, read from `path`) to an RGB PIL image; a file
+    that cannot be decoded raises DataError."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path if encoded is None else io.BytesIO(encoded)) as img:
             img.load()
             if img.mode == "RGB":
                 return img
@@ -58,6 +102,61 @@ def load_rgb(path):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {path}: {e} (fix or remove it; "
                         f"`python data.py check DIR` lists every bad file)") from None
+
+
+def jpeg_decoder():
+    """'torchcodec' when TorchCodec imports (torchvision 0.29 deprecates its decoders in its
+    favour), else 'torchvision'. Both wrap libjpeg-turbo on the CPU and nvJPEG on CUDA."""
+    if importlib.util.find_spec("torchcodec") is not None:
+        try:
+            import torchcodec.decoders  # noqa: F401 (loads native libraries: may not match torch)
+            return "torchcodec"
+        except (ImportError, OSError, RuntimeError):
+            pass
+    return "torchvision"
+
+
+JPEG_DECODER = jpeg_decoder()
+
+
+def decode_jpegs(encoded, device="cpu"):
+    """[1-D uint8 CPU tensor of a JPEG file, ...] -> [(3, H, W) uint8 RGB on `device`, ...] in one
+    call (one batched nvJPEG call on CUDA). Any bad file fails the whole call with RuntimeError."""
+    if JPEG_DECODER == "torchcodec":
+        from torchcodec.decoders import decode_jpeg
+        return decode_jpeg(list(encoded), mode="RGB", device=str(device))
+    from torchvision.io import ImageReadMode, decode_jpeg
+    return decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
+
+
+def as_tensor(encoded):
+    return torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+
+
+def takes_jpeg_decoder(encoded):
+    """(width, height) and whether libjpeg-turbo / nvJPEG should decode these bytes (from the header
+    only): baseline or progressive JPEGs in RGB or grayscale without an EXIF rotation (TorchCodec
+    applies it, PIL and torchvision do not; CMYK is untested on CUDA). (None, False) when PIL cannot
+    even read the header: the caller's PIL decode then names the problem."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return img.size, False
+            return img.size, "exif" not in img.info or img.getexif().get(0x0112, 1) == 1
+    except Exception:  # a bad header: PIL's full decode reports it with the path
+        return None, False
+
+
+def decode_rgb(path, encoded):
+    """A file's bytes -> RGB pixels: a uint8 (H, W, 3) tensor from libjpeg-turbo for the JPEGs it
+    takes (the same pixels as PIL's), else PIL's RGB image. Undecodable: DataError naming `path`."""
+    size, jpeg = takes_jpeg_decoder(encoded)
+    if jpeg:
+        try:
+            return decode_jpegs([as_tensor(encoded)])[0].permute(1, 2, 0)  # (H, W, 3) memory already
+        except RuntimeError:  # libjpeg warnings PIL tolerates are errors here: let PIL decide
+            pass
+    return load_rgb(path, encoded)
 
 
 def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -111,8 +210,10 @@ class TrainTransform:
             self.autoaugment = AutoAugment(AutoAugmentPolicy.IMAGENET)
 
     def __call__(self, img, rng):
-        box = random_resized_crop_box(*img.size, rng, self.scale)
-        x = resized_crop(to_uint8_hwc(img), box, self.size)
+        """`img`: a PIL image or uint8 (H, W, 3) pixels."""
+        pixels = img if isinstance(img, torch.Tensor) else to_uint8_hwc(img)
+        box = random_resized_crop_box(pixels.shape[1], pixels.shape[0], rng, self.scale)
+        x = resized_crop(pixels, box, self.size)
         if rng.random() < 0.5:
             x = x.flip(-1)
         if self.autoaugment is not None:
@@ -132,6 +233,8 @@ class ValTransform:
         self.size, self.resize = size, resize
 
     def __call__(self, img, rng=None):
+        if isinstance(img, torch.Tensor):  # libjpeg-turbo's pixels: PIL resizes them as its own
+            img = Image.fromarray(img.numpy())
         w, h = img.size
         if w <= h:
             new_w, new_h = self.resize, int(self.resize * h / w)
@@ -141,6 +244,66 @@ class ValTransform:
         left = int(round((new_w - self.size) / 2.0))
         top = int(round((new_h - self.size) / 2.0))
         return to_uint8_hwc(img.crop((left, top, left + self.size, top + self.size)))
+
+
+class EncodedTrainTransform:
+    """The worker's half of decoding on the GPU: the file's bytes, plus the crop box and flip drawn
+    exactly as TrainTransform draws them (same generator calls, image size from the header).
+    Files nvJPEG cannot take (PNG, CMYK, rotated JPEGs, ...) are decoded here to full-size pixels;
+    DeviceLoader crops and resizes both kinds alike."""
+
+    takes_encoded = True
+
+    def __init__(self, size, min_scale=0.08):
+        self.size = size
+        self.scale = (min_scale, 1.0)
+
+    def __call__(self, path, encoded, rng):
+        size, jpeg = takes_jpeg_decoder(encoded)
+        if jpeg:
+            content, shape = encoded, None
+        else:
+            pixels = to_uint8_hwc(load_rgb(path, encoded))
+            size, content, shape = (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes(), pixels.shape
+        box = random_resized_crop_box(*size, rng, self.scale)
+        flip = rng.random() < 0.5
+        return EncodedSample(path, content, shape, box, flip, self.size)
+
+
+class EncodedSample:
+    """A training sample before decoding: JPEG bytes (`shape` None) or uint8 (H, W, 3) pixel bytes."""
+
+    def __init__(self, path, content, shape, box, flip, size):
+        self.path, self.content, self.shape, self.box, self.flip, self.size = path, content, shape, box, flip, size
+
+
+class EncodedBatch:
+    """A batch of EncodedSamples as one byte tensor (one shared-memory block per batch, not one
+    per image) and the per-sample spans, boxes and flips."""
+
+    def __init__(self, samples):
+        self.paths = [s.path for s in samples]
+        self.shapes = [s.shape for s in samples]
+        self.boxes = [s.box for s in samples]
+        self.flips = [s.flip for s in samples]
+        self.size = samples[0].size
+        ends = np.cumsum([len(s.content) for s in samples]).tolist()
+        self.spans = list(zip([0] + ends[:-1], ends))
+        self.payload = torch.frombuffer(bytearray(b"".join(s.content for s in samples)), dtype=torch.uint8)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def content(self, i):
+        start, end = self.spans[i]
+        return self.payload[start:end]
+
+
+def collate(samples):
+    """default_collate, but EncodedSamples make one EncodedBatch (and labels one tensor)."""
+    if isinstance(samples[0][0], EncodedSample):
+        return EncodedBatch([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+    return torch.utils.data.default_collate(samples)
 
 
 def sample_rng(seed, epoch, index):
@@ -165,6 +328,7 @@ def find_classes(folder):
 class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, transform, seed=0):
         self.root, self.transform, self.seed = root, transform, seed
+        self.read_retries = RetryCount()
         self.classes = find_classes(root)
         self.samples = []
         for label, name in enumerate(self.classes):
@@ -182,7 +346,11 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         path, label = self.samples[index]
-        return self.transform(load_rgb(path), sample_rng(self.seed, epoch, index)), label
+        encoded = read_file(path, self.read_retries)
+        rng = sample_rng(self.seed, epoch, index)
+        if getattr(self.transform, "takes_encoded", False):
+            return self.transform(path, encoded, rng), label
+        return self.transform(decode_rgb(path, encoded), rng), label
 
 
 class DemoShapes(torch.utils.data.Dataset):
@@ -261,12 +429,21 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, autoaugment=False,
-                   with_train=True):
+                   with_train=True, decode="cpu"):
     """(train, val) datasets for DATA, 'demo' or 'synthetic'; train is None without `with_train`
-    (evaluation only: DATA/train need not exist). Train and val must have the same classes."""
+    (evaluation only: DATA/train need not exist). Train and val must have the same classes.
+    decode="gpu": the train set yields EncodedSamples for DeviceLoader to decode (DATA only)."""
+    if decode == "gpu" and data in ("demo", "synthetic"):
+        raise DataError(f"--decode gpu decodes image files, and --data {data} has none; use --decode cpu")
+    if decode == "gpu" and autoaugment:
+        # AutoAugment works on one uint8 image at a time; on the GPU that is a chain of small
+        # kernels per image, launched by the training process itself and so taken from the step.
+        raise DataError("--autoaugment runs in the loader workers on decoded pixels, which --decode gpu does "
+                        "not make; use --decode cpu with --autoaugment")
     if data == "synthetic":
         return Synthetic("train", image_size, seed) if with_train else None, Synthetic("val", image_size, seed)
-    train_tf = TrainTransform(image_size, min_crop_scale, autoaugment)
+    train_tf = EncodedTrainTransform(image_size, min_crop_scale) if decode == "gpu" else \
+        TrainTransform(image_size, min_crop_scale, autoaugment)
     val_tf = ValTransform(image_size, val_resize)
     if data == "demo":
         return DemoShapes("train", train_tf, seed) if with_train else None, DemoShapes("val", val_tf, seed)
@@ -353,6 +530,18 @@ def _kill_workers_at_exit():
             child.kill()
 
 
+def default_workers():
+    """Loader processes per training process: this process's cores shared among the node's
+    training processes (torchrun's LOCAL_WORLD_SIZE), less the one the training process uses."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+
+
+def read_retries(*datasets):
+    """File reads retried so far by these datasets' loaders (all their workers)."""
+    return sum(d.read_retries.value for d in datasets if hasattr(d, "read_retries"))
+
+
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False):
     if workers > 0:
         atexit.unregister(_kill_workers_at_exit)  # once, however many loaders
@@ -361,7 +550,7 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False)
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=pin_memory, drop_last=train,  # equal, full batches on every rank in training
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None, collate_fn=collate,
         # Workers draw nothing from their seeds (see sample_rng); a private generator keeps the
         # loader from consuming the global torch RNG, whose state the checkpoints restore.
         generator=torch.Generator())
@@ -369,42 +558,90 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False)
 
 class DeviceLoader:
     """Moves uint8 NHWC batches to `device` and normalises them there: float (N, 3, H, W) out,
-    channels_last when asked. On CUDA the copy and normalisation of the next batch run on a side
-    stream while the current batch computes (the host memory must be pinned for that)."""
+    channels_last when asked. EncodedBatches (decode="gpu") are decoded there first (decode_batch).
+    On CUDA the copy, decoding and normalisation of the next batch run on a side stream while the
+    current batch computes (the host memory must be pinned for that); the stream lives as long as
+    the loader, since the caching allocator keeps each stream's memory apart."""
 
     def __init__(self, loader, device, channels_last=False):
         self.loader, self.device, self.channels_last = loader, torch.device(device), channels_last
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __len__(self):
         return len(self.loader)
+
+    def standardize(self, x):
+        """float (N, 3, H, W) in 0..255 -> ImageNet-normalised, in place."""
+        return x.sub_(self.mean).mul_(self.inv_std)
 
     def normalize(self, images):
         """uint8 (N, H, W, 3) on the device -> normalised float32 (N, 3, H, W)."""
         x = images.permute(0, 3, 1, 2).float()  # NHWC bytes are already channels_last memory
         if not self.channels_last:
             x = x.contiguous()
-        return x.sub_(self.mean).mul_(self.inv_std)
+        return self.standardize(x)
+
+    def decode_batch(self, batch):
+        """EncodedBatch -> normalised float32 (N, 3, size, size): the JPEGs decoded on the device in
+        one call, then each sample's box resized (antialiased bicubic in float: CUDA has no uint8
+        kernel for it) and flipped as TrainTransform does on the CPU."""
+        jpegs = [i for i, shape in enumerate(batch.shapes) if shape is None]
+        decoded = dict(zip(jpegs, self._decode_jpegs(batch, jpegs)))
+        crops = []
+        for i, (left, top, right, bottom) in enumerate(batch.boxes):
+            if i in decoded:
+                image = decoded[i]
+            else:  # decoded by the worker: (H, W, 3) pixel bytes
+                image = batch.content(i).to(self.device, non_blocking=True).view(batch.shapes[i]).permute(2, 0, 1)
+            crop = image[None, :, top:bottom, left:right].float()
+            crops.append(F.interpolate(crop, size=(batch.size, batch.size), mode="bicubic", antialias=True))
+        x = torch.cat(crops).clamp_(0, 255)  # bicubic overshoots; the CPU path's uint8 clamps too
+        flips = torch.tensor(batch.flips).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
+        x = torch.where(flips, x.flip(-1), x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.standardize(x)
+
+    def _decode_jpegs(self, batch, indices):
+        if not indices:
+            return []
+        encoded = [batch.content(i) for i in indices]
+        if self.device.type == "cuda":
+            # nvJPEG writes from its own stream, which does not wait for this one: kernels still
+            # queued here could read memory it reuses (torchvision PR #9606). Drain this stream.
+            torch.cuda.current_stream(self.device).synchronize()
+        try:
+            return decode_jpegs(encoded, self.device)
+        except RuntimeError:  # one bad file fails the whole call: find it
+            return [self._decode_one(content, batch.paths[i]) for i, content in zip(indices, encoded)]
+
+    def _decode_one(self, content, path):
+        try:
+            return decode_jpegs([content], self.device)[0]
+        except RuntimeError:  # PIL decodes what it can (libjpeg warnings) and names the rest
+            pixels = to_uint8_hwc(load_rgb(path, content.numpy().tobytes()))
+            return pixels.to(self.device).permute(2, 0, 1)
 
     def _to_device(self, batch):
         images, labels = batch
-        images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        return self.normalize(images), labels
+        if isinstance(images, EncodedBatch):
+            return self.decode_batch(images), labels
+        return self.normalize(images.to(self.device, non_blocking=True)), labels
 
     def __iter__(self):
-        if self.device.type != "cuda":
+        if self.stream is None:
             yield from (self._to_device(batch) for batch in self.loader)
             return
-        stream = torch.cuda.Stream(self.device)
         upcoming = None
         for batch in self.loader:
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(self.stream):
                 ready = self._to_device(batch)
             if upcoming is not None:
                 yield upcoming
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
             for t in ready:  # tell the allocator the compute stream uses these now
                 t.record_stream(torch.cuda.current_stream(self.device))
             upcoming = ready

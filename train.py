@@ -71,7 +71,13 @@ def parse_args(argv=None):
     g.add_argument("--weights", default=None, help="start from (or --evaluate) a state dict: this repo's, torchvision's or timm's")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="ImageNet root (train/ and val/ class folders), 'demo' or 'synthetic'")
-    g.add_argument("--workers", type=int, default=8, help="loader processes per GPU/process")
+    g.add_argument("--workers", type=int, default=None,
+                   help=f"loader processes per GPU/process (default: this machine's cores per local process, "
+                        f"less one for the process itself: {data.default_workers()} here)")
+    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                   help="training images: cpu = loader workers decode (libjpeg-turbo for JPEGs, PIL for the rest), "
+                        "crop and resize; gpu = workers only read the files and draw the crops, the GPU decodes each "
+                        "batch in one nvJPEG call and crops, resizes and flips it (CUDA only; evaluation stays on the CPU)")
     g.add_argument("--autoaugment", action="store_true", help="torchvision's ImageNet AutoAugment policy")
     g.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
@@ -121,6 +127,7 @@ def resolve_args(args):
     args.image_size = args.image_size or scaling.resolution
     args.val_resize = args.val_resize or args.image_size + 32  # NVIDIA: 224 -> 256, 380 -> 412
     args.dropout = scaling.dropout if args.dropout is None else args.dropout
+    args.workers = data.default_workers() if args.workers is None else args.workers
     args.lr = args.lr if args.lr is not None else (0.16 if large else 0.08)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (5e-6 if large else 1e-5)
     positive = ["image_size", "val_resize", "batch_size", "accum_steps", "epochs", "lr", "log_every"]
@@ -274,6 +281,8 @@ def run(args, env):
     # ---------------------------------------------------------------- set-up
     amp_dtype = resolve_amp(args.amp, env.device)
     cuda = env.device.type == "cuda"
+    if args.decode == "gpu" and not cuda and not args.evaluate:
+        raise UsageError("--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
     channels_last = cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.backends.cudnn.benchmark = True
@@ -300,7 +309,8 @@ def run(args, env):
 
     # ---------------------------------------------------------------- data
     train_set, val_set = data.build_datasets(args.data, args.image_size, args.val_resize, args.seed,
-                                             args.min_crop_scale, args.autoaugment, with_train=not args.evaluate)
+                                             args.min_crop_scale, args.autoaugment, with_train=not args.evaluate,
+                                             decode=args.decode if not args.evaluate else "cpu")
     num_classes = args.num_classes or len(val_set.classes)
     val_loader = data.DeviceLoader(
         data.build_loader(val_set, data.ShardSampler(len(val_set), env.rank, env.world_size),
@@ -405,7 +415,7 @@ def run(args, env):
     log(env, f"global batch {global_batch} = {args.batch_size} x {env.world_size} process(es) x "
              f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {base_lr:.6g}; "
              f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {warmup_steps} steps; "
-             f"output {output_dir}")
+             f"{args.workers} loader worker(s) per process, decode on {args.decode}; output {output_dir}")
 
     interactive = sys.stderr.isatty()
     stop = utils.StopSignal(env)
@@ -449,13 +459,19 @@ def run(args, env):
                    disable=not (env.main and interactive), dynamic_ncols=True)
         start_time = interval_start = time.time()
         interval_loss, interval_steps = loss_sum.clone(), 0
+        data_seconds = interval_data_seconds = 0.0  # wall time spent waiting for the next batch
+        retries_before = data.read_retries(train_set, val_set)
         for epoch_step in range(first_step, steps_per_epoch):
             lr = lr_at(step, base_lr, warmup_steps, total_steps, args.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=env.device)
             for micro in range(args.accum_steps):
+                wait_start = time.perf_counter()
                 images, labels = next(batches)
+                waited = time.perf_counter() - wait_start
+                data_seconds += waited
+                interval_data_seconds += waited
                 targets = labels
                 if args.mixup > 0:
                     images, targets = data.mixup(images, labels, num_classes, random.betavariate(args.mixup, args.mixup))
@@ -491,12 +507,15 @@ def run(args, env):
                 now = time.time()
                 interval_mean = (loss_sum - interval_loss).item() / interval_steps
                 rate = interval_steps * global_batch / max(now - interval_start, 1e-9)
-                bar.set_postfix(loss=f"{interval_mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                data_share = 100 * interval_data_seconds / max(now - interval_start, 1e-9)
+                bar.set_postfix(loss=f"{interval_mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", data=f"{data_share:.0f}%")
                 if not interactive:  # log files get one plain line per interval instead of a bar
                     eta = (steps_per_epoch - epoch_step - 1) * global_batch / rate
                     log(env, f"epoch {epoch + 1}/{args.epochs} step {epoch_step + 1}/{steps_per_epoch} "
-                             f"loss {interval_mean:.4f} lr {lr:.4g} {rate:.1f} img/s epoch eta {eta / 60:.1f} min")
+                             f"loss {interval_mean:.4f} lr {lr:.4g} {rate:.1f} img/s data {data_share:.0f}% "
+                             f"epoch eta {eta / 60:.1f} min")
                 interval_start, interval_loss, interval_steps = now, loss_sum.clone(), 0
+                interval_data_seconds = 0.0
             if stop.requested():
                 save(epoch, epoch_step + 1)
                 bar.close()
@@ -512,7 +531,10 @@ def run(args, env):
         row = {"epoch": epoch + 1, "lr": lr_at(step - 1, base_lr, warmup_steps, total_steps, args.min_lr),
                "train_loss": epoch_loss,
                "images_per_sec": (steps_per_epoch - first_step) * global_batch / train_seconds,
-               "epoch_seconds": train_seconds}
+               "epoch_seconds": train_seconds,
+               # the slowest rank's wait holds every rank up (gradients meet in the all_reduce)
+               "data_seconds": utils.all_reduce(torch.tensor(data_seconds, dtype=torch.float64, device=env.device),
+                                                env, op=dist.ReduceOp.MAX).item()}
         if scaler.is_enabled():
             row["skipped_steps"] = int(utils.all_reduce(watch.skipped.clone(), env, op=dist.ReduceOp.MAX).item())
         evaluated = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
@@ -524,6 +546,10 @@ def run(args, env):
                 utils.broadcast_buffers(ema.module, env)
                 row.update({f"val_ema_{k}": v for k, v in evaluate(ema.module, val_loader, env, amp_dtype,
                                                                     len(val_set)).items() if k != "images"})
+        retries = data.read_retries(train_set, val_set) - retries_before  # this rank's train and val reads
+        retries = int(utils.all_reduce(torch.tensor(retries, device=env.device), env).item())
+        if retries:
+            row["read_retries"] = retries
         history.append(row)
         is_best = evaluated and row["val_top1"] > best_top1
         if is_best:

@@ -1,6 +1,8 @@
 """Images per second of one loader worker (one core): decode + train transform, decode + val
 transform, this repo's pipeline against torchvision's ImageFolder with the textbook transforms
-(RandomResizedCrop / Resize + CenterCrop, flip, ToTensor, Normalize), on the same files.
+(RandomResizedCrop / Resize + CenterCrop, flip, ToTensor, Normalize), on the same files. This
+repo's pipeline runs with each decoder: libjpeg-turbo (data.decode_rgb, the default) and PIL; and
+the worker's share of `--decode gpu` (read the bytes, parse the header, draw the crop) is timed too.
 
     python benchmarks/bench_data.py                    # writes 256 photo-like ImageNet-sized JPEGs
     python benchmarks/bench_data.py --data /imagenet/val --images 2000
@@ -23,7 +25,6 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
-from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,21 +68,25 @@ def write_images(folder, count, classes=8):
 class Ours(torch.utils.data.Dataset):
     """This repo's ImageFolder and transform, addressed like TrainSampler does: (index, epoch)."""
 
-    def __init__(self, root, transform):
+    def __init__(self, root, transform, pil_decode=False):
         self.inner = data.ImageFolder(root, transform)
+        self.pil_decode = pil_decode
 
     def __len__(self):
         return len(self.inner)
 
     def __getitem__(self, index):
-        return self.inner[(index, 0)]
+        if not self.pil_decode:
+            return self.inner[(index, 0)]
+        path, label = self.inner.samples[index]
+        return self.inner.transform(data.load_rgb(path), data.sample_rng(0, 0, index)), label
 
 
 def worker_pass(dataset, batch_size):
     """What one loader worker does for the whole dataset: items, then collated batches."""
     start = time.perf_counter()
     for first in range(0, len(dataset), batch_size):
-        default_collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
+        data.collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
     return len(dataset) / (time.perf_counter() - start)
 
 
@@ -115,8 +120,11 @@ def main():
         pipelines = {
             "train: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_train),
             "train: data.py": Ours(root, data.TrainTransform(args.size)),
+            "train: data.py, PIL decode": Ours(root, data.TrainTransform(args.size), pil_decode=True),
+            "train: data.py --decode gpu, worker's share": Ours(root, data.EncodedTrainTransform(args.size)),
             "val: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_val),
             "val: data.py": Ours(root, data.ValTransform(args.size, args.val_resize)),
+            "val: data.py, PIL decode": Ours(root, data.ValTransform(args.size, args.val_resize), pil_decode=True),
         }
         for dataset in pipelines.values():  # keep --images of a large folder
             samples = dataset.samples if hasattr(dataset, "samples") else dataset.inner.samples
@@ -130,7 +138,7 @@ def main():
     ratio = {"train": median["train: data.py"] / median["train: torchvision ImageFolder + textbook"],
              "val": median["val: data.py"] / median["val: torchvision ImageFolder + textbook"]}
     print(f"data: {note}; {args.size}px crops, val resize {args.val_resize}, batches of {args.batch_size}, "
-          f"1 thread, median of {args.rounds} rounds")
+          f"1 thread, median of {args.rounds} rounds, JPEG decoder {data.JPEG_DECODER}")
     print("| pipeline | images/s per worker | range over rounds |")
     print("|---|---:|---:|")
     for name, value in median.items():

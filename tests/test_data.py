@@ -327,3 +327,162 @@ def test_sort_val_refuses_mismatches_and_touches_nothing(tmp_path):
     swapped.write_text("n00000002\nn00000001\nn00000001\n")
     result = run_sort_val(val, "--labels", swapped)
     assert result.returncode == 2 and "another class folder" in result.stderr
+
+# ------------------------------------------------------------------- faster decoding, GPU path
+
+def jpeg_variants(folder):
+    """Photo-like files of every kind the loaders meet: JPEGs in several encodings, and the ones
+    libjpeg-turbo / nvJPEG must not take (PNG, CMYK, a PNG named .JPEG, an EXIF-rotated JPEG)."""
+    os.makedirs(folder, exist_ok=True)
+    files = {}
+    for i, (w, h, options) in enumerate([(120, 90, {}), (90, 120, {"subsampling": 0}),
+                                         (101, 77, {"progressive": True}), (64, 64, {"quality": 60})]):
+        files[f"rgb{i}.JPEG"] = (Image.fromarray(photo(w, h, seed=i)), "JPEG", options)
+    files["gray.JPEG"] = (Image.fromarray(photo(80, 60, seed=9)[..., 0]), "JPEG", {})
+    files["cmyk.JPEG"] = (Image.fromarray(photo(70, 100, seed=7)).convert("CMYK"), "JPEG", {})
+    files["png.png"] = (Image.fromarray(photo(96, 72, seed=8)), "PNG", {})
+    files["png_named.JPEG"] = (Image.fromarray(photo(72, 96, seed=6)), "PNG", {})
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: TorchCodec would apply it, PIL does not
+    files["rotated.JPEG"] = (Image.fromarray(photo(110, 80, seed=5)), "JPEG", {"exif": exif.tobytes()})
+    for name, (img, fmt, options) in files.items():
+        img.save(os.path.join(folder, name), fmt, **options)
+    return sorted(files)
+
+
+def test_libjpeg_turbo_decodes_what_it_takes_with_pils_pixels(tmp_path):
+    names = jpeg_variants(str(tmp_path))
+    turbo = {"rgb0.JPEG", "rgb1.JPEG", "rgb2.JPEG", "rgb3.JPEG", "gray.JPEG"}
+    val, train = data.ValTransform(48, 56), data.TrainTransform(40)
+    for name in names:
+        path = str(tmp_path / name)
+        decoded = data.decode_rgb(path, data.read_file(path))
+        assert isinstance(decoded, torch.Tensor) == (name in turbo), name
+        reference = load_rgb(path)
+        if name in turbo:
+            assert torch.equal(decoded, data.to_uint8_hwc(reference)), name
+        # Evaluation pixels equal PIL's decode + resize exactly; training crops too.
+        assert torch.equal(val(decoded), val(reference)), name
+        assert torch.equal(train(decoded, random.Random(name)), train(reference, random.Random(name))), name
+
+
+def test_turbo_failure_falls_back_to_pil_which_names_the_file(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(photo(200, 150)).save(buf, "JPEG")
+    path = tmp_path / "cut.JPEG"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # the header is whole, the body not
+    with pytest.raises(DataError, match=f"cannot decode image {path}"):
+        data.decode_rgb(str(path), path.read_bytes())
+
+
+def images_0_255(x):
+    """Normalised (N, 3, H, W) back to grey levels."""
+    mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return x * std + mean
+
+
+def test_device_decode_path_equals_cpu_path_image_by_image(tmp_path):
+    """The GPU path run on the CPU (libjpeg-turbo in place of nvJPEG): same boxes, same flips, the
+    resize within two grey levels; JPEG, PNG, CMYK and rotated files mixed in the same batches."""
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        jpeg_variants(str(root / c))
+    cpu_set = data.ImageFolder(str(root), data.TrainTransform(32), seed=4)
+    gpu_set = data.ImageFolder(str(root), data.EncodedTrainTransform(32), seed=4)
+    outputs, pixel_samples, flips = [], [], []
+    for dataset, workers in ((cpu_set, 0), (gpu_set, 2)):
+        sampler = TrainSampler(len(dataset), rank=1, world_size=2, seed=4)
+        sampler.set_epoch(2, skip=1)
+        loader = data.build_loader(dataset, sampler, 3, workers, train=True)
+        if dataset is gpu_set:
+            for encoded, _ in loader:
+                assert isinstance(encoded, data.EncodedBatch)
+                pixel_samples += [os.path.basename(p) for p, s in zip(encoded.paths, encoded.shapes) if s is not None]
+                flips += encoded.flips
+        outputs.append([(images_0_255(x), y) for x, y in data.DeviceLoader(loader, "cpu", channels_last=True)])
+    assert len(outputs[0]) == len(outputs[1]) == (18 // 2 - 1) // 3
+    assert set(pixel_samples) <= {"cmyk.JPEG", "png.png", "png_named.JPEG", "rotated.JPEG"} and pixel_samples
+    assert True in flips and False in flips
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(*outputs):
+        assert torch.equal(y_cpu, y_gpu)
+        assert x_gpu.is_contiguous(memory_format=torch.channels_last)
+        diff = (x_cpu - x_gpu).abs()
+        # uint8 rounding on the CPU path against float on the device path: within a level inside,
+        # a couple at the edges; a different box or flip would differ by tens of levels.
+        assert diff.max() <= 2.01 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def test_device_decode_names_a_corrupt_jpeg(tmp_path):
+    root = tmp_path / "data"
+    make_folder(str(root), ("a",), per_class=4, size=(200, 150))
+    bad = root / "a" / "a_2.jpeg"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # header whole: it goes to the decoder
+    dataset = data.ImageFolder(str(root), data.EncodedTrainTransform(32))
+    loader = data.build_loader(dataset, TrainSampler(len(dataset)), 4, 0, train=True)
+    batches = list(loader)
+    assert batches[0][0].shapes == [None] * 4  # all four went to the (batched) decoder
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        list(data.DeviceLoader(batches, "cpu"))
+
+
+def test_decode_gpu_refuses_what_it_cannot_do(tmp_path):
+    root = make_imagenet(tmp_path)
+    with pytest.raises(DataError, match="--autoaugment runs in the loader workers"):
+        build_datasets(root, 32, 40, autoaugment=True, decode="gpu")
+    with pytest.raises(DataError, match="--data demo has none; use --decode cpu"):
+        build_datasets("demo", 32, 40, decode="gpu")
+    train, val = build_datasets(root, 32, 40, decode="gpu")
+    assert isinstance(train.transform, data.EncodedTrainTransform) and isinstance(val.transform, data.ValTransform)
+
+
+# ------------------------------------------------------------------------ a flaky file system
+
+def flaky_open(monkeypatch, target, failures):
+    """Make the first `failures` opens of `target` raise EIO, as a flaky NFS mount does."""
+    left = [failures]
+
+    def opener(path, *args, **kwargs):
+        if str(path) == str(target) and left[0] > 0:
+            left[0] -= 1
+            raise OSError(5, "Input/output error", str(path))
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(data, "open", opener, raising=False)
+    monkeypatch.setattr(data, "READ_BACKOFF_SECONDS", 0.001)
+
+
+def test_flaky_reads_are_retried_and_counted(tmp_path, monkeypatch):
+    path = tmp_path / "x.JPEG"
+    Image.fromarray(photo(20, 20)).save(path)
+    retries = data.RetryCount()
+    flaky_open(monkeypatch, path, failures=data.READ_ATTEMPTS - 1)
+    assert data.read_file(str(path), retries) == path.read_bytes()
+    assert retries.value == data.READ_ATTEMPTS - 1
+    flaky_open(monkeypatch, path, failures=data.READ_ATTEMPTS)
+    with pytest.raises(DataError, match=rf"cannot read image {path}: Input/output error \(4 attempts"):
+        data.read_file(str(path), retries)
+    assert retries.value == 2 * (data.READ_ATTEMPTS - 1)
+
+
+def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data.default_workers() == max(1, cores - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data.default_workers() == max(1, cores // 8 - 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_path_equals_cpu_decode_path_and_keeps_one_stream(tmp_path):
+    root = tmp_path / "data"
+    jpeg_variants(str(root / "a"))
+    dataset = data.ImageFolder(str(root), data.EncodedTrainTransform(32), seed=1)
+    batches = list(data.build_loader(dataset, TrainSampler(len(dataset), seed=1), 3, 0, train=True))
+    on_cpu = [x for x, _ in data.DeviceLoader(batches, "cpu")]
+    loader = data.DeviceLoader(batches, "cuda")
+    stream = loader.stream
+    for _ in range(2):
+        on_gpu = [x.cpu() for x, _ in loader]
+        assert loader.stream is stream
+    for a, b in zip(on_cpu, on_gpu):  # nvJPEG's IDCT and upsampling may differ from libjpeg-turbo's
+        assert (images_0_255(a) - images_0_255(b)).abs().mean() < 2

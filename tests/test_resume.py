@@ -17,7 +17,7 @@ from test_train import SPY, TRAIN, read_metrics, run_train
 # mixup, EMA. 48 train images: 12 steps of 4 per epoch in one process, 6 of 4 per rank in two.
 RUN = ["--image-size", "32", "--val-resize", "36", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1",
        "--workers", "2", "--ema-decay", "0.9", "--mixup", "0.2", "--log-every", "1"]
-TIMING = ("images_per_sec", "epoch_seconds")
+TIMING = ("images_per_sec", "epoch_seconds", "data_seconds")
 
 
 @pytest.fixture(scope="module")

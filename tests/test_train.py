@@ -110,8 +110,10 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
-        assert set(row) == {"epoch", "lr", "train_loss", "images_per_sec", "epoch_seconds",
+        assert set(row) == {"epoch", "lr", "train_loss", "images_per_sec", "epoch_seconds", "data_seconds",
                             "val_top1", "val_top5", "val_loss"}
+        assert 0 < row["data_seconds"] < row["epoch_seconds"]
+    assert "data " in result.stdout.split("step 1/6")[1].splitlines()[0]  # the log line's data share, e.g. "data 3%"
     # The last step of the schedule (6 steps per epoch, 6 warmup steps, 12 in all) is step 11.
     assert rows[-1]["lr"] == pytest.approx(train.lr_at(11, 0.08 * 4 / 4096, 6, 12))
     last = torch.load(out / "last.pt", weights_only=True)
@@ -241,6 +243,45 @@ def test_bad_input_exits_2_with_one_line(tiny_data, tmp_path, capsys):
     fails_with(capsys, [*base, "--resume", tmp_path / "b1.pth"], "is not a train.py checkpoint")
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pth")
     fails_with(capsys, [*base, "--evaluate", "--weights", tmp_path / "resnet.pth"], "not an EfficientNet")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_decode_gpu_without_cuda_exits_2_with_one_line(tiny_data, tmp_path, capsys):
+    fails_with(capsys, ["--data", tiny_data, *TINY, "--output-dir", tmp_path / "out", "--decode", "gpu"],
+               "--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
+
+
+FLAKY = """import os, sys
+import data, train
+target, counter = os.environ["FLAKY_FILE"], os.environ["FLAKY_COUNTER"]
+real_open = open
+def flaky_open(path, *args, **kwargs):  # the first reads of `target` fail, in whichever worker
+    if str(path) == target:
+        with real_open(counter) as f:
+            left = int(f.read())
+        if left > 0:
+            with real_open(counter, "w") as f:
+                f.write(str(left - 1))
+            raise OSError(5, "Input/output error", path)
+    return real_open(path, *args, **kwargs)
+data.open = flaky_open
+data.READ_BACKOFF_SECONDS = 0.001
+sys.exit(train.main())
+"""
+
+
+def test_flaky_reads_are_retried_and_reported_per_epoch(tiny_data, tmp_path):
+    script, counter = tmp_path / "flaky_train.py", tmp_path / "failures_left"
+    script.write_text(FLAKY)
+    counter.write_text("3")
+    flaky = os.path.join(tiny_data, "train", "b", "b_1.jpeg")
+    out = tmp_path / "run"
+    result = run_train(["--data", tiny_data, *TINY, "--output-dir", out, "--workers", "2", "--epochs", "2",
+                        "--warmup-epochs", "1"], script=script, env={"FLAKY_FILE": flaky, "FLAKY_COUNTER": str(counter)})
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(out)
+    assert rows[0]["read_retries"] == 3 and "read_retries" not in rows[1]  # reported only when there were any
+    assert counter.read_text() == "0"
 
 
 def test_checkpoint_of_another_arch_and_occupied_output_dir(tiny_data, tmp_path, capsys):
