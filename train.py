@@ -277,6 +277,8 @@ def run(args, env):
     cuda = env.device.type == "cuda"
     channels_last = cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if args.sync_bn and env.world_size > 1 and not cuda:  # DDP would stop with a traceback
+        raise UsageError("--sync-bn: SyncBatchNorm runs on GPUs only; on the CPU leave it out")
     if amp_dtype == torch.bfloat16 and cuda and not native_bf16(env.device):
         log(env, "note: this GPU emulates bfloat16 (compute capability below 8.0), slowly; --amp fp16 is faster here")
     torch.backends.cudnn.benchmark = not args.deterministic  # autotuning picks kernels by timing: run-dependent

@@ -314,3 +314,10 @@ def test_compiled_grad_checkpointing_matches_eager():
 @CUDA
 def test_cuda_inductor_grad_checkpointing_matches_eager():
     compiled_checkpointing_matches_eager("inductor", "cuda")
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_in_one_line(tiny_data, tmp_path):
+    result = run_train(["--data", tiny_data, *TINY, "--output-dir", tmp_path, "--workers", "0", "--sync-bn"], nproc=2)
+    assert result.returncode != 0
+    assert "error: --sync-bn: SyncBatchNorm runs on GPUs only; on the CPU leave it out" in result.stderr
+    assert "File \"" + os.path.join(ROOT, "train.py") not in result.stderr  # torchrun's own traceback only
