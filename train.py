@@ -95,7 +95,7 @@ def parse_args(argv=None):
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, e.g. 0.9999 (0: off)")
     g = p.add_argument_group("speed")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 (GradScaler); off on CPU")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast dtype; auto: bf16 on GPUs with native bf16 (compute capability 8.0+), else fp16 (GradScaler); off on CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
     g.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="memory-saving BN+SiLU and squeeze-excite (efficientnet.py; default: on for the CPU, where it "
@@ -103,6 +103,9 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels, no cuDNN autotuning: a CUDA run then resumes bit for bit (on the "
+                        "same GPU model and world size), at a cost in speed; CPU runs always do")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<arch>-<date-time>)")
     g.add_argument("--resume", default=None, help="checkpoint to continue, or 'auto': the newest good one in --output-dir")
@@ -159,10 +162,16 @@ def resolve_args(args):
     return args
 
 
+def native_bf16(device):
+    """bf16 in hardware: compute capability 8.0+ (A100, H100, RTX 30xx on). is_bf16_supported()
+    also says yes where bf16 is emulated (V100, T4): slow, without cuDNN's convolutions."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_amp(choice, device):
     cuda = device.type == "cuda"
     if choice == "auto":
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+        return (torch.bfloat16 if native_bf16(device) else torch.float16) if cuda else None
     if choice == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UsageError("--amp bf16: this GPU has no bfloat16; use --amp fp16")
     if choice == "fp16" and not cuda:
@@ -209,7 +218,9 @@ def evaluate(model, loader, env, amp_dtype, expected_images):
             "images": int(images)}
 
 
-def build_optimizer(model, args, lr):
+def build_optimizer(model, args, lr, fused=False):
+    """`fused` (CUDA): SGD's one-kernel step, which also lets the fp16 GradScaler skip a step
+    without a device synchronisation. RMSprop has no fused form in torch."""
     decay, no_decay = [], []
     for p in model.parameters():
         # NVIDIA's variant leaves BatchNorm weights/biases and all biases (the 1-d tensors) alone.
@@ -219,7 +230,7 @@ def build_optimizer(model, args, lr):
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if args.opt == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=0.01, momentum=0.9)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused or None)
 
 
 def prepare_run(args, env):
@@ -285,7 +296,15 @@ def run(args, env):
         raise UsageError("--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
     channels_last = cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    torch.backends.cudnn.benchmark = True
+    if args.sync_bn and env.world_size > 1 and not cuda:  # DDP would stop with a traceback
+        raise UsageError("--sync-bn: SyncBatchNorm runs on GPUs only; on the CPU leave it out")
+    if amp_dtype == torch.bfloat16 and cuda and not native_bf16(env.device):
+        log(env, "note: this GPU emulates bfloat16 (compute capability below 8.0), slowly; --amp fp16 is faster here")
+    torch.backends.cudnn.benchmark = not args.deterministic  # autotuning picks kernels by timing: run-dependent
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA 10.2+)
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warns naming any op that has no such kernel
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 as NVIDIA's recipe on A100
     torch.backends.cudnn.allow_tf32 = True
     output_dir, checkpoint = prepare_run(args, env)
@@ -362,11 +381,11 @@ def run(args, env):
     if args.sync_bn and env.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = env.world_size > 1
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if cuda else None) if ddp else model
+    train_model = utils.data_parallel(model, env) if ddp else model
     if args.compile:
         train_model = torch.compile(train_model)
     eval_model = torch.compile(model) if args.compile else model
-    optimizer = build_optimizer(model, args, base_lr)
+    optimizer = build_optimizer(model, args, base_lr, fused=cuda)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     ema = utils.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
 
@@ -377,7 +396,10 @@ def run(args, env):
     watch = utils.NonFiniteWatch(args.max_nonfinite if scaler.is_enabled() else 1, env.device)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if scaler.is_enabled() and not checkpoint["scaler"]:  # saved by a bf16 or fp32 run
+            log(env, "note: the checkpoint was not trained with --amp fp16; the GradScaler starts afresh")
+        else:
+            scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
             if checkpoint["ema"] is None:
                 raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
@@ -388,7 +410,9 @@ def run(args, env):
         same_layout = (len(ranks), checkpoint["args"]["batch_size"], checkpoint["args"]["accum_steps"]) \
             == (env.world_size, args.batch_size, args.accum_steps)
         if same_layout:
-            utils.set_rng_state(ranks[env.rank]["rng"])
+            note = utils.set_rng_state(ranks[env.rank]["rng"], env.device)
+            if note:
+                log(env, note)
             loss_sum.fill_(ranks[env.rank]["loss_sum"])
             watch.skipped.fill_(ranks[env.rank]["skipped"])
         else:
@@ -411,14 +435,15 @@ def run(args, env):
     log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in model.parameters()):,} parameters, "
              f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {num_classes} classes, "
              f"{env.world_size} process(es) on {env.device.type}, amp {amp_dtype or 'off'}, "
-             f"{'channels_last' if channels_last else 'NCHW'}{', lean activations' if lean and not args.compile else ''}")
+             f"{'channels_last' if channels_last else 'NCHW'}{', lean activations' if lean and not args.compile else ''}"
+             f"{', deterministic' if args.deterministic else ''}")
     log(env, f"global batch {global_batch} = {args.batch_size} x {env.world_size} process(es) x "
              f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {base_lr:.6g}; "
              f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {warmup_steps} steps; "
              f"{args.workers} loader worker(s) per process, decode on {args.decode}; output {output_dir}")
 
     interactive = sys.stderr.isatty()
-    stop = utils.StopSignal(env)
+    stop = utils.StopSignal(env, max_interval=args.log_every)  # checked without waiting, at most a log interval apart
     ckpt_path = os.path.join(output_dir, "last.pt")
 
     def check_finite():
@@ -436,7 +461,7 @@ def run(args, env):
         state = {"args": vars(args), "epoch": epoch, "epoch_step": epoch_step, "step": step,
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "ema": ema.state_dict() if ema else None, "best_top1": best_top1, "history": history,
-                 "ranks": utils.gather_objects({"rng": utils.rng_state(), "loss_sum": loss_sum.item(),
+                 "ranks": utils.gather_objects({"rng": utils.rng_state(env.device), "loss_sum": loss_sum.item(),
                                                 "skipped": watch.skipped.item()}, env)}
         if env.main:
             utils.save_atomic(state, ckpt_path)
@@ -486,12 +511,14 @@ def run(args, env):
             loss_sum += step_loss
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)  # true gradients for the overflow check and for clipping
-                bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
-            else:
-                bad = ~torch.isfinite(step_loss)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)  # skips the update when fp16 gradients overflowed
+            if scaler.is_enabled() or args.grad_clip > 0:  # one norm serves both
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), args.grad_clip, grad_norm)
+            bad = ~torch.isfinite(grad_norm if scaler.is_enabled() else step_loss)
+            # Skips the update when fp16 gradients overflowed; deciding that costs a device sync per
+            # step unless the optimizer is fused (SGD on CUDA), RMSprop's case.
+            scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -554,6 +581,9 @@ def run(args, env):
         is_best = evaluated and row["val_top1"] > best_top1
         if is_best:
             best_top1 = row["val_top1"]
+        # Before saving: the save ends with a barrier, so no rank exits straight out of an all_reduce
+        # (gloo may abort a rank whose peer tears the group down at that moment).
+        stopping = stop.requested(now=True)
         save(epoch + 1, 0)
         if env.main:
             utils.write_jsonl(os.path.join(output_dir, "metrics.jsonl"), history)
@@ -562,7 +592,7 @@ def run(args, env):
         summary = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
         log(env, summary)
         epochs_run += 1
-        if stop.requested():
+        if stopping:
             raise Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; wrote {ckpt_path}. "
                             f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
     log(env, f"done: best val top-1 {best_top1:.3f}" if best_top1 >= 0 else "done")

@@ -2,12 +2,14 @@
 import contextlib
 import copy
 import fcntl
+import inspect
 import json
 import os
 import random
 import shutil
 import signal
 import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +89,18 @@ def broadcast_buffers(module, env):
             dist.broadcast(buffer, src=0)
 
 
+def data_parallel(model, env):
+    """DDP for training. No BatchNorm buffer broadcast before every forward (DDP's default):
+    running statistics only matter for evaluation, and broadcast_buffers() gives every rank rank
+    0's before each one. Gradients live in DDP's all-reduce buckets (no gradient-sized copy)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed the switch (and deprecated the old name); with both, buffers start equal.
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    return ddp(model, device_ids=[env.device] if env.device.type == "cuda" else None,
+               gradient_as_bucket_view=True, **no_buffer_sync)
+
+
 def barrier(env):
     if env.world_size > 1:
         dist.barrier()
@@ -101,21 +115,40 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state():
+def rng_state(device=torch.device("cpu")):
+    """Every generator this process draws from. On CUDA only `device`'s own generator: the other
+    GPUs of the node belong to other ranks, and their index differs between layouts (1x8 vs 2x4)."""
     keys = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": (keys[0], torch.from_numpy(keys[1].astype(np.int64)), *keys[2:]),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=torch.device("cpu")):
+    """Restore what rng_state saved; returns a note for the log when the CUDA state could not be
+    restored as saved, else None."""
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda is None or device.type != "cuda":
+        return None if cuda is None else "note: the checkpoint's CUDA random state is not used on the CPU"
+    if isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda, device)
+        return None
+    # Checkpoints of earlier versions hold a list: the state of every GPU the process saw, by index.
+    # The rank's own GPU was entry LOCAL_RANK when the GPUs per node are unchanged (or the only one).
+    index = 0 if len(cuda) == 1 else device.index
+    if index >= len(cuda):
+        return (f"note: the checkpoint holds CUDA random states of {len(cuda)} GPUs, none for cuda:{device.index}; "
+                f"its generator starts from the seed")
+    torch.cuda.set_rng_state(cuda[index], device)
+    if len(cuda) == 1:
+        return None
+    return (f"note: an older checkpoint with every GPU's random state: cuda:{device.index} takes entry {index}, "
+            f"its own state only if the GPUs per node are as they were")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,31 +269,63 @@ def lock_run_dir(folder):
 
 class StopSignal:
     """Records SIGTERM / SIGUSR1 (SLURM's warning signal) instead of dying; the training loop asks
-    `requested()` at every step boundary, and all ranks agree if any rank got a signal."""
+    `requested()` at every step boundary, and all ranks agree if any rank got a signal.
+
+    With several processes the ranks agree through an all_reduce that is started without waiting
+    and read some calls later, so no rank waits for the others in a step. It is read every
+    `interval` calls: as many steps as take about `check_seconds` (the slowest rank's step time
+    travels in the same all_reduce, so every rank computes the same interval), at most
+    `max_interval`. A signal therefore stops all ranks at the same step, within about two
+    intervals."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, env):
+    def __init__(self, env, check_seconds=1.0, max_interval=50):
         self.env, self.name = env, None
+        self.check_seconds, self.max_interval = check_seconds, max_interval
+        self._calls, self._due = 0, 1
+        self._pending = None  # (work, [signal number, seconds per step]) of the all_reduce in flight
+        self._started_at, self._started_time = 0, time.monotonic()
         for sig in self.SIGNALS:
             signal.signal(sig, self._record)
 
     def _record(self, signum, frame):
         self.name = signal.Signals(signum).name
 
-    def requested(self):
-        """Collective: every rank must call it at the same step. Afterwards `name` is the signal
-        on every rank, whichever rank received it."""
+    def _start(self):
+        now = time.monotonic()
+        per_step = (now - self._started_time) / max(1, self._calls - self._started_at)
+        flags = torch.tensor([signal.Signals[self.name].value if self.name else 0, per_step], dtype=torch.float64)
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True)
+        self._pending, self._started_at, self._started_time = (work, flags), self._calls, now
+
+    def _finish(self):
+        """Waits for the all_reduce in flight: True if any rank had a signal when it started it."""
+        (work, flags), self._pending = self._pending, None
+        work.wait()
+        number, per_step = flags.tolist()  # a CPU tensor: no device synchronisation
+        if number:
+            self.name = signal.Signals(int(number)).name
+            return True
+        self._due = self._calls + min(self.max_interval, max(1, int(self.check_seconds / max(per_step, 1e-9))))
+        return False
+
+    def requested(self, now=False):
+        """Collective: every rank must call it at the same steps, with the same `now`. Decides on
+        reduced values only (a signal that arrives meanwhile is seen at a later check). `now`
+        decides at this very call (blocking): at the end of an epoch, before starting another.
+        Afterwards `name` is the signal on every rank, whichever rank received it."""
         if self.env.world_size == 1:
             return self.name is not None
-        number = torch.tensor([signal.Signals[self.name].value if self.name else 0], dtype=torch.int32)
-        dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self.env.control)
-        # Decide on the reduced value only: a signal that arrives while this rank waits in the
-        # all_reduce is recorded when the call returns, too late for the other ranks' answer.
-        if number.item() == 0:  # a CPU tensor: no device synchronisation
-            return False
-        self.name = signal.Signals(number.item()).name
-        return True
+        self._calls += 1
+        if self._pending is not None and (now or self._calls >= self._due) and self._finish():
+            return True
+        if now:
+            self._start()
+            return self._finish()
+        if self._pending is None:
+            self._start()
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

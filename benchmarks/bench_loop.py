@@ -59,7 +59,7 @@ def loop_rate(args, folder):
 
 def model_rate(args):
     timed = args.steps - args.steps // 2
-    code = MODEL_STEP.format(here=HERE, name="ours" if args.lean_activations else "ours-plain", arch=args.arch,
+    code = MODEL_STEP.format(here=HERE, name="ours-lean" if args.lean_activations else "ours-plain", arch=args.arch,
                              batch=args.batch_size, size=args.image_size, device=args.device, amp=args.amp,
                              compile=args.compile, warmup=2 * args.steps - timed, timed=timed)
     out = run([sys.executable, "-c", code])

@@ -1,58 +1,34 @@
 #!/usr/bin/env bash
-# The GPU checks and figures of the README, on one CUDA GPU. Sections, in order of importance:
-#   tests    the CUDA cases of the test suite (kernels, autocast, inductor, train.py fp16/bf16)
-#   b0       bench_model (ours, ours-plain, torchvision, timm, ours+ckpt) and bench_loop, bf16 b256
-#   compile  train.py --compile on synthetic data, b0 bf16 b256
-#   b4       bench_model and bench_loop at 380 px, batch 128 (NVIDIA's per-GPU batch)
-# Each step has a time limit and the next runs whatever the last did; output goes to $OUT.
-# Every Python process spends ~30 s starting CUDA and tuning cuDNN, so all of it takes ~20 min:
-# with less time on the card, give the sections one at a time.
+# The GPU check, ~8 minutes on one H200: the CUDA test cases (one pytest process), then every
+# measurement in one more Python process (benchmarks/gpu_check.py), which prints one table; the
+# JPEGs for the input rows are written by the CPU cores while the tests run. Two Python starts with
+# CUDA in all (each ~30 s on the card).
 #
-#     OUT=gpu-results bash benchmarks/gpu.sh tests b0
+#     OUT=gpu-results bash benchmarks/gpu.sh             # on the card; results and logs in $OUT
+#     bash benchmarks/gpu.sh --dry-run                   # on a CPU: the same steps, shrunk
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
+PY=${PYTHON:-python3}
+DRY="" SLOW=1
+[ "${1:-}" = "--dry-run" ] && DRY="--dry-run" SLOW=10  # a busy CPU: no time limits to speak of
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-WORKERS=${WORKERS:-12}
-
-step() {  # step LIMIT_SECONDS COMMAND...
-    local limit=$1 start=$SECONDS
-    shift
-    echo "=== $* (limit ${limit}s)"
-    timeout "$limit" "$@"
-    echo "=== exit $? after $((SECONDS - start))s"
-}
-
-section() {
-    case $1 in
-    tests)
-        step 400 $PY -m pytest -v -p no:cacheprovider -k cuda tests ;;
-    b0)
-        step 300 $PY benchmarks/bench_model.py --device cuda --amp bf16 --batch-size 256 --rounds 5 --steps 5 \
-            --models ours,ours-plain,torchvision,timm,ours+ckpt --json "$OUT/model_b0.json"
-        step 200 $PY benchmarks/bench_loop.py --device cuda --amp bf16 --batch-size 256 --steps 100 --rounds 1 \
-            --workers "$WORKERS" --json "$OUT/loop_b0.json" ;;
-    compile)  # the steady rate is the last logged interval (compilation happens in the first one)
-        rm -rf /tmp/gpu-compile-b0
-        step 300 $PY train.py --data synthetic --arch b0 --batch-size 256 --amp bf16 --compile --epochs 2 \
-            --warmup-epochs 1 --steps-per-epoch 100 --log-every 50 --eval-every 0 --workers "$WORKERS" \
-            --output-dir /tmp/gpu-compile-b0 ;;
-    b4)
-        step 300 $PY benchmarks/bench_model.py --arch b4 --image-size 380 --device cuda --amp bf16 --batch-size 128 \
-            --rounds 3 --steps 4 --models ours,ours-plain,torchvision,timm --json "$OUT/model_b4.json"
-        step 200 $PY benchmarks/bench_loop.py --arch b4 --image-size 380 --device cuda --amp bf16 --batch-size 128 \
-            --steps 20 --rounds 1 --workers "$WORKERS" --json "$OUT/loop_b4.json" ;;
-    *)
-        echo "unknown section $1 (tests, b0, compile, b4)"; return 2 ;;
-    esac
-}
+JPEGS=$(mktemp -d /tmp/gpu_check_jpegs.XXXX)
+IMAGES=$([ -n "$DRY" ] && echo 64 || echo 6144)
 
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-    for name in "${@:-tests b0 compile b4}"; do
-        for s in $name; do section "$s"; done
-    done
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    $PY benchmarks/gpu_check.py --make-jpegs "$JPEGS" --images "$IMAGES" &
+    jpegs_pid=$!
+    start=$SECONDS
+    timeout -k 10 $((180 * SLOW)) $PY -m pytest -q -p no:cacheprovider -rfEs -k cuda tests > "$OUT/tests.txt" 2>&1
+    echo "=== CUDA tests: exit $? after $((SECONDS - start)) s (summary below, details in $OUT/tests.txt)"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.txt"
+    summary=$(tail -n 1 "$OUT/tests.txt" | tr -d '=' | sed 's/^ *//')
+    echo "$summary"
+    wait "$jpegs_pid"
+    timeout -k 10 $((300 * SLOW)) $PY benchmarks/gpu_check.py $DRY --budget 250 --jpegs "$JPEGS" --tests "$summary" --out "$OUT"
+    echo "=== gpu_check: exit $? after $((SECONDS - start)) s in all"
 } 2>&1 | tee "$OUT/log.txt"
+rm -rf "$JPEGS"

@@ -131,20 +131,20 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
-def test_cuda_run_with_amp_and_evaluate_reproduces(tiny_data, tmp_path, amp):
+def test_cuda_run_with_amp_and_evaluate_reproduces(tiny_data, tmp_path, amp, capsys):
     """The GPU path end to end: pinned, prefetched batches, channels_last, autocast (fp16 with the
-    GradScaler and its skipped-step count), then --evaluate. (--compile: benchmarks/gpu.sh.)"""
+    GradScaler and its skipped-step count), then --evaluate. In this process: each new process
+    would spend ~30 s starting CUDA. (--compile: benchmarks/gpu.sh.)"""
     out = tmp_path / "run"
-    result = run_train(["--data", tiny_data, "--output-dir", out, "--epochs", "2", "--warmup-epochs", "1",
-                        "--workers", "2", "--amp", amp, *TINY])
-    assert result.returncode == 0, result.stderr
-    assert f"on cuda, amp torch.{'float16' if amp == 'fp16' else 'bfloat16'}, channels_last" in result.stdout
+    assert train.main([str(a) for a in ["--data", tiny_data, "--output-dir", out, "--epochs", "2",
+                                        "--warmup-epochs", "1", "--workers", "2", "--amp", amp, *TINY]]) == 0
+    assert f"on cuda, amp torch.{'float16' if amp == 'fp16' else 'bfloat16'}, channels_last" in capsys.readouterr().out
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in rows)
     assert ("skipped_steps" in rows[-1]) == (amp == "fp16")
-    evaluation = run_train(["--evaluate", "--resume", out / "last.pt", "--data", tiny_data, "--amp", amp, *TINY])
-    assert evaluation.returncode == 0, evaluation.stderr
-    result = last_json(evaluation.stdout)
+    assert train.main([str(a) for a in ["--evaluate", "--resume", out / "last.pt", "--data", tiny_data,
+                                        "--amp", amp, *TINY]]) == 0
+    result = last_json(capsys.readouterr().out)
     assert result["images"] == 9 and result["top1"] == rows[-1]["val_top1"]
     assert result["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-3)  # cuDNN may pick other kernels
 
