@@ -204,6 +204,11 @@ def test_init_follows_tf_scheme():
     assert model.classifier.weight.abs().max().item() > 0.99 * bound
     assert torch.all(model.classifier.bias == 0) and torch.all(model.blocks[3].se.reduce.bias == 0)
     assert torch.all(model.stem_bn.weight == 1) and torch.all(model.stem_bn.bias == 0)
+    # Fewer classes keep ImageNet's classifier scale (TF's 1/sqrt(classes) would be 10x for 10);
+    # more classes follow TF's rule.
+    for classes, bound in ((10, 1 / math.sqrt(1000)), (4000, 1 / math.sqrt(4000))):
+        weight = create_model("b0", num_classes=classes).classifier.weight
+        assert bound * 0.99 < weight.abs().max().item() <= bound
 
 
 def test_bn_settings_are_constructor_arguments():
