@@ -16,7 +16,7 @@ from PIL import Image
 import efficientnet
 import train
 import utils
-from conftest import ROOT, make_imagenet, randomize_
+from conftest import ROOT, calibrate_bn_, make_imagenet, randomize_
 
 TRAIN = os.path.join(ROOT, "train.py")
 SPY = os.path.join(ROOT, "tests", "spy_train.py")
@@ -321,7 +321,7 @@ def test_finetune_from_weights_of_another_class_count(tiny_data, tmp_path, capsy
     assert not torch.equal(trained["model"]["stem_conv.weight"], loaded["stem_conv.weight"])  # it trained
     assert all(torch.isfinite(v).all() for v in trained["model"].values() if v.is_floating_point())
     # --evaluate needs the whole model, the classifier's class count too.
-    fails_with(capsys, ["--data", tiny_data, *TINY, "--evaluate", "--weights", tmp_path / "tv_b0.pth"],
+    fails_with(capsys, ["--data", tiny_data, *TINY, "--workers", "0", "--evaluate", "--weights", tmp_path / "tv_b0.pth"],
                "wrong shape: classifier.weight (1000, 1280) vs (3, 1280)")
 
 
@@ -353,7 +353,7 @@ def test_evaluate_flags_reproduce_timms_eval_pipeline(tiny_data, capsys, tmp_pat
     same logits. Odd sizes exercise the TF padding."""
     timm = pytest.importorskip("timm")
     from timm.data import create_transform
-    reference = randomize_(timm.create_model(name, pretrained=False), seed=7).eval()
+    reference = calibrate_bn_(randomize_(timm.create_model(name, pretrained=False), seed=7))  # logits that see the input
     torch.save(reference.state_dict(), tmp_path / "weights.pth")
     size, crop_pct = 33, 0.88  # R = floor(33 / 0.88) = 37
     args = ["--evaluate", "--weights", tmp_path / "weights.pth", "--data", tiny_data, "--arch", name,
