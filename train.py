@@ -69,9 +69,9 @@ def parse_args(argv=None):
     g.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     g.add_argument("--val-interpolation", choices=["bicubic", "bilinear"], default="bicubic", help="eval resize filter (torchvision's b1 V2 weights: bilinear)")
     g.add_argument("--mean", type=float, nargs=3, default=list(data.IMAGENET_MEAN), metavar=("R", "G", "B"),
-                   help="normalisation mean of the 0-1 pixels, ImageNet's by default (AdvProp tf_*_ap weights: 0.5 0.5 0.5)")
+                   help="normalisation mean of the 0-1 pixels: ImageNet's (AdvProp tf_*_ap weights: 0.5 0.5 0.5)")
     g.add_argument("--std", type=float, nargs=3, default=list(data.IMAGENET_STD), metavar=("R", "G", "B"),
-                   help="normalisation std, ImageNet's by default (AdvProp tf_*_ap weights: 0.5 0.5 0.5)")
+                   help="normalisation std: ImageNet's (AdvProp tf_*_ap weights: 0.5 0.5 0.5)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--opt", choices=["rmsprop", "sgd"], default="rmsprop", help="RMSprop (alpha .9, eps .01, momentum .9) or SGD (Nesterov, momentum .9)")
