@@ -226,11 +226,12 @@ class TrainTransform:
 
 
 class ValTransform:
-    """Resize the short side to `resize` (bicubic), center-crop `size`: torchvision's Resize +
-    CenterCrop to the pixel, uint8 (H, W, 3) out."""
+    """Resize the short side to `resize` (bicubic, or "bilinear"), center-crop `size`: torchvision's
+    Resize + CenterCrop (and so timm's eval transform) to the pixel, uint8 (H, W, 3) out."""
 
-    def __init__(self, size, resize):
+    def __init__(self, size, resize, interpolation="bicubic"):
         self.size, self.resize = size, resize
+        self.interpolation = {"bicubic": BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
 
     def __call__(self, img, rng=None):
         if isinstance(img, torch.Tensor):  # libjpeg-turbo's pixels: PIL resizes them as its own
@@ -240,7 +241,7 @@ class ValTransform:
             new_w, new_h = self.resize, int(self.resize * h / w)
         else:
             new_w, new_h = int(self.resize * w / h), self.resize
-        img = img.resize((new_w, new_h), BICUBIC)
+        img = img.resize((new_w, new_h), self.interpolation)
         left = int(round((new_w - self.size) / 2.0))
         top = int(round((new_h - self.size) / 2.0))
         return to_uint8_hwc(img.crop((left, top, left + self.size, top + self.size)))
@@ -429,7 +430,7 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, autoaugment=False,
-                   with_train=True, decode="cpu"):
+                   with_train=True, decode="cpu", val_interpolation="bicubic"):
     """(train, val) datasets for DATA, 'demo' or 'synthetic'; train is None without `with_train`
     (evaluation only: DATA/train need not exist). Train and val must have the same classes.
     decode="gpu": the train set yields EncodedSamples for DeviceLoader to decode (DATA only)."""
@@ -444,7 +445,7 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
         return Synthetic("train", image_size, seed) if with_train else None, Synthetic("val", image_size, seed)
     train_tf = EncodedTrainTransform(image_size, min_crop_scale) if decode == "gpu" else \
         TrainTransform(image_size, min_crop_scale, autoaugment)
-    val_tf = ValTransform(image_size, val_resize)
+    val_tf = ValTransform(image_size, val_resize, val_interpolation)
     if data == "demo":
         return DemoShapes("train", train_tf, seed) if with_train else None, DemoShapes("val", val_tf, seed)
     if not os.path.isdir(data):
@@ -561,12 +562,13 @@ class DeviceLoader:
     channels_last when asked. EncodedBatches (decode="gpu") are decoded there first (decode_batch).
     On CUDA the copy, decoding and normalisation of the next batch run on a side stream while the
     current batch computes (the host memory must be pinned for that); the stream lives as long as
-    the loader, since the caching allocator keeps each stream's memory apart."""
+    the loader, since the caching allocator keeps each stream's memory apart. `mean` and `std` are
+    of 0-1 pixels (AdvProp weights: 0.5, 0.5)."""
 
-    def __init__(self, loader, device, channels_last=False):
+    def __init__(self, loader, device, channels_last=False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.loader, self.device, self.channels_last = loader, torch.device(device), channels_last
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __len__(self):

@@ -6,9 +6,16 @@ Depends on torch and the Python standard library only: copy this file into anoth
     model = create_model("b3", num_classes=1000)            # random init (TF/timm scheme)
     model.load_state_dict(convert_state_dict(torch.load("tv_or_timm_weights.pth"), model))
 
+    model = create_model("b0", num_classes=4)               # fine-tune on 4 classes
+    print(load_pretrained(model, torch.load("efficientnet_b0_rwightman-7f5810bc.pth")))
+
+    maps = create_model("b0").feature_maps(images)          # backbone: strides 2, 4, 8, 16, 32
+
 Public weights: torchvision's B5-B7 were trained with BatchNorm eps 1e-3 / momentum 0.01, so build
 those with `create_model("b5", bn_eps=1e-3, bn_momentum=0.01)` before loading them; B0-B4 and timm's
-`efficientnet_bX` use PyTorch's default 1e-5 / 0.1, which is also this file's default.
+`efficientnet_bX` use PyTorch's default 1e-5 / 0.1, which is also this file's default. timm's
+`tf_efficientnet_bX` (Google's TF checkpoints: plain, AutoAugment, AdvProp, Noisy Student) need TF's
+"SAME" padding and BatchNorm: build them by that name, `create_model("tf_efficientnet_b0")`.
 """
 import math
 import re
@@ -69,12 +76,64 @@ def round_repeats(repeats, depth):
 
 
 def canonical_arch(arch):
-    """'b0', 'B0', 'efficientnet_b0' or 'efficientnet-b0' -> 'b0'; anything else raises ValueError."""
+    """'b0', 'B0', 'efficientnet_b0' or 'efficientnet-b0' -> 'b0'; timm's 'tf_efficientnet_b0' (or
+    'tf_b0': the same network with TF's padding and BatchNorm) -> 'tf_b0'; anything else raises
+    ValueError."""
     name = str(arch).lower().replace("-", "_")
-    name = name[len("efficientnet_"):] if name.startswith("efficientnet_") else name
+    tf = name.startswith("tf_")
+    name = name.removeprefix("tf_").removeprefix("efficientnet_")
     if name not in SCALING:
-        raise ValueError(f"unknown EfficientNet arch {arch!r}; valid: {', '.join(SCALING)}")
-    return name
+        raise ValueError(f"unknown EfficientNet arch {arch!r}; valid: {', '.join(SCALING)} (also efficientnet_bX, "
+                         f"and timm's tf_efficientnet_bX for Google's TF weights)")
+    return "tf_" + name if tf else name
+
+
+def member(arch):
+    """The SCALING row name of `arch`: 'tf_efficientnet_b3' or 'efficientnet_b3' -> 'b3'."""
+    return canonical_arch(arch).removeprefix("tf_")
+
+
+def arch_config(arch):
+    """EfficientNet constructor arguments of `arch`: its SCALING row and, for timm's tf_ names, TF's
+    "SAME" padding and BatchNorm settings (eps 1e-3, momentum 0.01: TF's decay 0.99)."""
+    scaling = SCALING[member(arch)]
+    tf = canonical_arch(arch).startswith("tf_")
+    return dict(width=scaling.width, depth=scaling.depth, dropout=scaling.dropout, same_padding=tf,
+                bn_eps=1e-3 if tf else 1e-5, bn_momentum=0.01 if tf else 0.1)
+
+
+class SamePadConv2d(nn.Conv2d):
+    """nn.Conv2d padded like TensorFlow's "SAME": the output is ceil(input / stride) long and the
+    total padding that needs is computed from each input's size, its odd pixel going to the
+    bottom/right (PyTorch pads k // 2 on both sides, which on even inputs samples a grid shifted by
+    one pixel). Parameters and state dict are nn.Conv2d's."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, bias=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, groups=groups, bias=bias)
+
+    @staticmethod
+    def _total_padding(length, kernel, stride):
+        # (ceil(length / stride) - 1) * stride + kernel - length, at least 0; never negative when
+        # kernel >= stride (every conv here), which keeps it free of max() for symbolic shapes.
+        total = kernel - stride + (-length) % stride
+        return total if kernel >= stride else max(total, 0)
+
+    def forward(self, x):
+        pad_h = self._total_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+        pad_w = self._total_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return super().forward(x)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", padding=SAME"
+
+
+def conv(in_channels, out_channels, kernel, stride=1, groups=1, same_padding=False):
+    """A kxk convolution without bias, padded symmetrically (k // 2) or as TF's "SAME". The two agree
+    for stride 1 and odd kernels, so only the others get the per-input padding."""
+    if same_padding and (stride > 1 or kernel % 2 == 0):
+        return SamePadConv2d(in_channels, out_channels, kernel, stride, groups=groups)
+    return nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False)
 
 
 class DropPath(nn.Module):
@@ -133,7 +192,7 @@ def bn_silu(bn, x, lean=None):
     swaps BatchNorm modules for SyncBatchNorm) keeps the activation. With `lean`, a plain
     BatchNorm2d in training takes the memory-saving path; otherwise, and under torch.compile (whose
     inductor fuses and recomputes such pairs itself), the two modules run as they are."""
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or not bn.training:  # eval mode: one graph whatever the grad mode (tracing)
         return F.silu(bn(x), inplace=True)
     if (not _use_lean(lean, x) or type(bn) is not nn.BatchNorm2d or not bn.training or not bn.track_running_stats
             or bn.momentum is None or torch.compiler.is_compiling()):
@@ -174,7 +233,8 @@ class GatedProjection(nn.Module):
 
     def forward(self, x, gate, lean=None):
         n, c, h, w = x.shape
-        if (not _use_lean(lean, x) or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+        # Training only: evaluation and export (eval mode) always meet the plain conv.
+        if (not _use_lean(lean, x) or not self.training or not torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or h * w <= self.weight.shape[0]):
             return F.conv2d(x * gate[:, :, None, None], self.weight)
         weight = self.weight.flatten(1)[None] * gate[:, None, :]  # (N, out, in)
@@ -190,14 +250,15 @@ class GatedProjection(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual block: expand 1x1, depthwise kxk, squeeze-excite, project 1x1."""
 
-    def __init__(self, in_channels, out_channels, expand, kernel, stride, drop_path_rate, norm, lean=None):
+    def __init__(self, in_channels, out_channels, expand, kernel, stride, drop_path_rate, norm, lean=None,
+                 same_padding=False):
         super().__init__()
         self.lean = lean
         mid = in_channels * expand
         self.has_residual = stride == 1 and in_channels == out_channels
         self.expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False) if expand != 1 else None
         self.expand_bn = norm(mid) if expand != 1 else None
-        self.dw_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self.dw_conv = conv(mid, mid, kernel, stride, groups=mid, same_padding=same_padding)
         self.dw_bn = norm(mid)
         # Paper quirk: the squeeze width comes from the block's INPUT channels, not the expanded ones.
         self.se = SqueezeExcite(mid, max(1, in_channels // 4))
@@ -255,18 +316,24 @@ class EfficientNet(nn.Module):
     1.5x its speed; on an H200 in bf16 an earlier form of it ran at 0.78x torchvision's speed. So
     the default, None, is lean for CPU tensors and torchvision's operations elsewhere (decided
     per forward from the input's device); True / False force either. Under torch.compile the plain
-    operations are traced either way."""
+    operations are traced either way.
+    Evaluation and export (eval mode) always run the plain operations.
+
+    `same_padding` pads the strided convolutions as TensorFlow's "SAME" does (see SamePadConv2d), as
+    Google's checkpoints (timm's `tf_efficientnet_bX`) need; the default pads symmetrically (k // 2)
+    as torchvision and timm's `efficientnet_bX` do."""
 
     def __init__(self, width=1.0, depth=1.0, dropout=0.2, num_classes=1000, drop_path_rate=0.2,
-                 bn_eps=1e-5, bn_momentum=0.1, lean_activations=None, stages=B0_STAGES):
+                 bn_eps=1e-5, bn_momentum=0.1, lean_activations=None, stages=B0_STAGES, same_padding=False):
         super().__init__()
         self.lean_activations = lean_activations
+        self.same_padding = same_padding
 
         def norm(channels):
             return nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
 
         stem = round_filters(B0_STEM, width)
-        self.stem_conv = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
+        self.stem_conv = conv(3, stem, 3, 2, same_padding=same_padding)
         self.stem_bn = norm(stem)
 
         rows = [(e, k, s, round_filters(i, width), round_filters(o, width), round_repeats(r, depth))
@@ -278,8 +345,13 @@ class EfficientNet(nn.Module):
                 # Paper quirk: the drop-path rate grows linearly with the GLOBAL block index.
                 rate = drop_path_rate * len(blocks) / num_blocks
                 blocks.append(MBConv(in_ch if j == 0 else out_ch, out_ch, expand, kernel,
-                                     stride if j == 0 else 1, rate, norm, lean_activations))
+                                     stride if j == 0 else 1, rate, norm, lean_activations, same_padding))
         self.blocks = nn.Sequential(*blocks)
+        # Backbone outputs: the last block before each stride-2 block, and the last one (timm's
+        # features_only). The stem halves the resolution, so these are at strides 2, 4, 8, 16, 32.
+        strides = [stride if j == 0 else 1 for _, _, stride, _, _, repeats in rows for j in range(repeats)]
+        self.feature_blocks = [i for i in range(num_blocks) if i + 1 == num_blocks or strides[i + 1] > 1]
+        self.feature_channels = [blocks[i].project_bn.num_features for i in self.feature_blocks]
 
         head = round_filters(B0_HEAD, width)
         self.head_conv = nn.Conv2d(rows[-1][4], head, 1, bias=False)
@@ -329,6 +401,21 @@ class EfficientNet(nn.Module):
         x = bn_silu(self.head_bn, x, self.lean_activations)
         return x
 
+    def feature_maps(self, x):
+        """(N, 3, H, W) -> the maps at strides 2, 4, 8, 16 and 32, with `feature_channels` channels:
+        a backbone for detection or segmentation (the head conv and classifier are not run)."""
+        x = self.stem_conv(x)
+        x = bn_silu(self.stem_bn, x, self.lean_activations)
+        maps = []
+        for index, block in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = _forward_recompute(block, x)
+            else:
+                x = block(x)
+            if index in self.feature_blocks:
+                maps.append(x)
+        return maps
+
     def forward(self, x):
         x = self.forward_features(x)
         x = x.mean((2, 3))
@@ -337,11 +424,11 @@ class EfficientNet(nn.Module):
 
 
 def create_model(arch, num_classes=1000, **overrides):
-    """EfficientNet member `arch` ("b0".."b7" or "efficientnet_b0"...). `overrides` are
-    EfficientNet arguments, e.g. dropout=0.3, drop_path_rate=0.1, bn_eps=1e-3, bn_momentum=0.01,
+    """EfficientNet member `arch` ("b0".."b7" or "efficientnet_b0"...; timm's "tf_efficientnet_b0"...
+    adds TF's "SAME" padding and BatchNorm eps 1e-3 / momentum 0.01). `overrides` are EfficientNet
+    arguments, e.g. dropout=0.3, drop_path_rate=0.1, bn_eps=1e-3, bn_momentum=0.01,
     lean_activations=False (default None: lean on the CPU only)."""
-    scaling = SCALING[canonical_arch(arch)]
-    kwargs = dict(width=scaling.width, depth=scaling.depth, dropout=scaling.dropout)
+    kwargs = arch_config(arch)
     kwargs.update(overrides)
     return EfficientNet(num_classes=num_classes, **kwargs)
 
@@ -393,7 +480,40 @@ def convert_state_dict(state_dict, model=None):
     (DDP) and `_orig_mod.` (torch.compile) prefixes. A training checkpoint of this repo (a dict with a
     "model" entry) is unwrapped. With `model`, keys and shapes are checked against it; any problem
     raises ValueError naming the keys and the layout that was expected.
-    (timm's tf_ weights also need TF "same" padding, which this model does not implement.)"""
+    (timm's tf_ weights also need TF's padding and BatchNorm eps: build the model by the tf_ name.)"""
+    converted, layout = _convert(state_dict)
+    if model is not None:
+        _check_against(converted, model.state_dict(), layout)
+    return converted
+
+
+def load_pretrained(model, state_dict):
+    """Load weights of any layout convert_state_dict reads into `model`, whose classifier may have
+    another number of classes (fine-tuning). Every other tensor must fit `model` exactly (else
+    ValueError naming the keys) and is copied bit for bit; a classifier of another size keeps the
+    model's fresh initialisation. Returns what was not loaded, one line per item to print, e.g.
+    ["classifier re-initialised: 1000 -> 4 classes"]; [] when everything was loaded.
+
+        model = create_model("b0", num_classes=4)
+        for line in load_pretrained(model, torch.load("efficientnet_b0_rwightman-7f5810bc.pth")):
+            print(line)
+    """
+    converted, layout = _convert(state_dict)
+    expected = model.state_dict()
+    skipped = []
+    theirs, ours = converted.get("classifier.weight"), expected["classifier.weight"]
+    # Only the class count may differ: another input width means another member.
+    if theirs is not None and theirs.shape != ours.shape and theirs.shape[1:] == ours.shape[1:]:
+        converted = {k: v for k, v in converted.items() if not k.startswith("classifier.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("classifier.")}
+        skipped.append(f"classifier re-initialised: {theirs.shape[0]} -> {ours.shape[0]} classes")
+    _check_against(converted, expected, layout)
+    model.load_state_dict(converted, strict=not skipped)
+    return skipped
+
+
+def _convert(state_dict):
+    """-> (state_dict in this file's layout, name of the layout it was read as)."""
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
@@ -430,9 +550,7 @@ def convert_state_dict(state_dict, model=None):
     if unknown:
         raise ValueError(f"state dict looks like {layout}'s EfficientNet but has keys that layout does not "
                          f"have: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
-    if model is not None:
-        _check_against(converted, model.state_dict(), layout)
-    return converted
+    return converted, layout
 
 
 def _check_against(converted, expected, layout):

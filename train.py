@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet        # NVIDIA's B0 recipe
     python train.py --data demo --image-size 64 --epochs 8 ...             # CPU demo, no ImageNet
     python train.py --evaluate --weights efficientnet_b0.pth --data /imagenet
+    python train.py --data my_classes --weights efficientnet_b0.pth --epochs 30 ...   # fine-tune
 
 Exit codes: 0 finished (or --run-epochs done), 2 usage error (one line, no traceback),
 3 non-finite loss (nothing saved after it), 75 preempted by SIGTERM/SIGUSR1 (last.pt written:
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from efficientnet import SCALING, canonical_arch, convert_state_dict, create_model
+from efficientnet import SCALING, arch_config, canonical_arch, convert_state_dict, create_model, load_pretrained, member
 from utils import UsageError
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
@@ -60,15 +61,17 @@ def parse_args(argv=None):
     p = Parser(description="Train or evaluate EfficientNet on ImageNet (torchrun for several GPUs).",
                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="b0", help="b0..b7")
+    g.add_argument("--arch", default="b0", help="b0..b7; tf_efficientnet_b0..b7 for Google's TF weights (timm's tf_ files): "
+                                                "TF 'SAME' padding and BatchNorm")
     g.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data's class count)")
     g.add_argument("--image-size", type=int, default=None, help="train and eval size (default: the member's resolution)")
     g.add_argument("--val-resize", type=int, default=None, help="eval: resize the short side to this, then center-crop (default: image size + 32)")
     g.add_argument("--dropout", type=float, default=None, help="before the classifier (default: the member's rate)")
     g.add_argument("--drop-path", type=float, default=0.2, help="stochastic depth rate of the last block")
-    g.add_argument("--bn-eps", type=float, default=1e-5, help="BatchNorm eps (torchvision's b5-b7 weights: 1e-3)")
-    g.add_argument("--bn-momentum", type=float, default=0.1, help="BatchNorm momentum (torchvision's b5-b7 weights: 0.01)")
-    g.add_argument("--weights", default=None, help="start from (or --evaluate) a state dict: this repo's, torchvision's or timm's")
+    g.add_argument("--bn-eps", type=float, default=None, help="BatchNorm eps (default: 1e-5, tf_ archs 1e-3; torchvision's b5-b7 weights: 1e-3)")
+    g.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum (default: 0.1, tf_ archs 0.01; torchvision's b5-b7 weights: 0.01)")
+    g.add_argument("--weights", default=None, help="start from (or --evaluate) a state dict: this repo's, torchvision's or timm's; "
+                                                   "a classifier of another class count is re-initialised (fine-tuning)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="ImageNet root (train/ and val/ class folders), 'demo' or 'synthetic'")
     g.add_argument("--workers", type=int, default=None,
@@ -80,6 +83,11 @@ def parse_args(argv=None):
                         "batch in one nvJPEG call and crops, resizes and flips it (CUDA only; evaluation stays on the CPU)")
     g.add_argument("--autoaugment", action="store_true", help="torchvision's ImageNet AutoAugment policy")
     g.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
+    g.add_argument("--val-interpolation", choices=["bicubic", "bilinear"], default="bicubic", help="eval resize filter (torchvision's b1 V2 weights: bilinear)")
+    g.add_argument("--mean", type=float, nargs=3, default=list(data.IMAGENET_MEAN), metavar=("R", "G", "B"),
+                   help="normalisation mean of the 0-1 pixels: ImageNet's (AdvProp tf_*_ap weights: 0.5 0.5 0.5)")
+    g.add_argument("--std", type=float, nargs=3, default=list(data.IMAGENET_STD), metavar=("R", "G", "B"),
+                   help="normalisation std: ImageNet's (AdvProp tf_*_ap weights: 0.5 0.5 0.5)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--opt", choices=["rmsprop", "sgd"], default="rmsprop", help="RMSprop (alpha .9, eps .01, momentum .9) or SGD (Nesterov, momentum .9)")
@@ -126,7 +134,10 @@ def resolve_args(args):
         args.arch = canonical_arch(args.arch)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    scaling, large = SCALING[args.arch], args.arch in ("b4", "b5", "b6", "b7")
+    scaling, large = SCALING[member(args.arch)], member(args.arch) in ("b4", "b5", "b6", "b7")
+    defaults = arch_config(args.arch)  # tf_ archs: TF's BatchNorm
+    args.bn_eps = defaults["bn_eps"] if args.bn_eps is None else args.bn_eps
+    args.bn_momentum = defaults["bn_momentum"] if args.bn_momentum is None else args.bn_momentum
     args.image_size = args.image_size or scaling.resolution
     args.val_resize = args.val_resize or args.image_size + 32  # NVIDIA: 224 -> 256, 380 -> 412
     args.dropout = scaling.dropout if args.dropout is None else args.dropout
@@ -145,6 +156,8 @@ def resolve_args(args):
     for name in ["dropout", "drop_path", "label_smoothing", "ema_decay", "bn_momentum"]:
         if not 0 <= getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not all(s > 0 for s in args.std):
+        raise UsageError(f"--std must be positive, got {' '.join(map(str, args.std))}")
     if not 0 < args.min_crop_scale <= 1:
         raise UsageError(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
     if args.val_resize < args.image_size:
@@ -257,6 +270,12 @@ def prepare_run(args, env):
     if checkpoint is not None and checkpoint["args"]["arch"] != args.arch:
         raise UsageError(f"checkpoint is for {checkpoint['args']['arch']}, not {args.arch}: "
                          f"pass --arch {checkpoint['args']['arch']}")
+    if checkpoint is not None:  # weights only work on inputs normalised as in their training
+        for flag, given, default in (("mean", args.mean, data.IMAGENET_MEAN), ("std", args.std, data.IMAGENET_STD)):
+            trained = " ".join(map(str, checkpoint["args"].get(flag, default)))  # older checkpoints: ImageNet's
+            if trained != " ".join(map(str, given)):
+                raise UsageError(f"checkpoint was trained with --{flag} {trained}, not {' '.join(map(str, given))}: "
+                                 f"pass --{flag} {trained}")
     return output_dir, checkpoint
 
 
@@ -329,11 +348,13 @@ def run(args, env):
     # ---------------------------------------------------------------- data
     train_set, val_set = data.build_datasets(args.data, args.image_size, args.val_resize, args.seed,
                                              args.min_crop_scale, args.autoaugment, with_train=not args.evaluate,
-                                             decode=args.decode if not args.evaluate else "cpu")
+                                             decode=args.decode if not args.evaluate else "cpu",
+                                             val_interpolation=args.val_interpolation)
     num_classes = args.num_classes or len(val_set.classes)
     val_loader = data.DeviceLoader(
         data.build_loader(val_set, data.ShardSampler(len(val_set), env.rank, env.world_size),
-                          args.batch_size, args.workers, train=False, pin_memory=cuda), env.device, channels_last)
+                          args.batch_size, args.workers, train=False, pin_memory=cuda), env.device, channels_last,
+        args.mean, args.std)
 
     # ---------------------------------------------------------------- model
     utils.seed_everything(args.seed + env.rank)
@@ -341,10 +362,18 @@ def run(args, env):
     model = create_model(args.arch, num_classes, dropout=args.dropout, drop_path_rate=args.drop_path,
                          bn_eps=args.bn_eps, bn_momentum=args.bn_momentum, lean_activations=lean)
     if args.weights:
+        weights = utils.load_checkpoint(args.weights)
         try:
-            model.load_state_dict(convert_state_dict(utils.load_checkpoint(args.weights), model))
+            if args.evaluate:  # every tensor, the classifier's too
+                model.load_state_dict(convert_state_dict(weights, model))
+            else:  # fine-tuning: a classifier of another size keeps its fresh init
+                for line in load_pretrained(model, weights):
+                    log(env, f"--weights {args.weights}: {line}")
         except ValueError as e:
             raise UsageError(f"--weights {args.weights}: {e}") from None
+        if os.path.basename(args.weights).startswith("tf_") and not args.arch.startswith("tf_"):
+            log(env, f"warning: {args.weights} looks like Google's TF weights (timm's tf_ files), which need "
+                     f"--arch tf_efficientnet_{member(args.arch)} (TF padding and BatchNorm)")
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     model.set_grad_checkpointing(args.grad_checkpointing)
@@ -370,7 +399,7 @@ def run(args, env):
     train_sampler = data.TrainSampler(len(train_set), env.rank, env.world_size, args.seed)
     train_loader = data.DeviceLoader(
         data.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True, pin_memory=cuda),
-        env.device, channels_last)
+        env.device, channels_last, args.mean, args.std)
     steps_per_epoch = per_rank // args.batch_size // args.accum_steps
     if args.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)

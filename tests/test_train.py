@@ -13,9 +13,10 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
+import efficientnet
 import train
 import utils
-from conftest import ROOT, make_imagenet, randomize_
+from conftest import ROOT, calibrate_bn_, make_imagenet, randomize_
 
 TRAIN = os.path.join(ROOT, "train.py")
 SPY = os.path.join(ROOT, "tests", "spy_train.py")
@@ -326,3 +327,89 @@ def test_demo_data_is_learned(tmp_path):
     losses = [r["train_loss"] for r in rows]
     assert losses[-1] < 0.5 * losses[0] and losses[-1] == min(losses)
     assert rows[-1]["val_top1"] >= 20.0  # this run: 28.4 on the dev machine
+
+
+# ------------------------------------------------------------------------ public weights (issue 12)
+
+def test_finetune_from_weights_of_another_class_count(tiny_data, tmp_path, capsys, monkeypatch):
+    """--weights of a 1000-class model on 3-class data: every other tensor loads bit for bit, the
+    classifier starts fresh, the run says so and trains."""
+    source = randomize_(torchvision.models.efficientnet_b0(), seed=6).state_dict()
+    torch.save(source, tmp_path / "tv_b0.pth")
+    loaded = {}
+    real_load = train.load_pretrained
+
+    def spy(model, state_dict):  # the model as train.py starts from it
+        skipped = real_load(model, state_dict)
+        loaded.update({k: v.clone() for k, v in model.state_dict().items()})
+        return skipped
+
+    monkeypatch.setattr(train, "load_pretrained", spy)
+    out = tmp_path / "run"
+    args = ["--data", tiny_data, *TINY, "--output-dir", out, "--workers", "0", "--epochs", "1",
+            "--steps-per-epoch", "1", "--eval-every", "0", "--weights", tmp_path / "tv_b0.pth"]
+    assert train.main([str(a) for a in args]) == 0
+    assert f"--weights {tmp_path / 'tv_b0.pth'}: classifier re-initialised: 1000 -> 3 classes" in capsys.readouterr().out
+    expected = efficientnet.convert_state_dict(source)
+    assert loaded.keys() == expected.keys()
+    for name, value in loaded.items():
+        if name.startswith("classifier."):
+            assert value.shape[0] == 3
+        else:
+            assert torch.equal(value, expected[name]), name
+    trained = torch.load(out / "last.pt", weights_only=True)
+    assert trained["step"] == 1 and trained["model"]["classifier.weight"].shape == (3, 1280)
+    assert not torch.equal(trained["model"]["stem_conv.weight"], loaded["stem_conv.weight"])  # it trained
+    assert all(torch.isfinite(v).all() for v in trained["model"].values() if v.is_floating_point())
+    # --evaluate needs the whole model, the classifier's class count too.
+    fails_with(capsys, ["--data", tiny_data, *TINY, "--workers", "0", "--evaluate", "--weights", tmp_path / "tv_b0.pth"],
+               "wrong shape: classifier.weight (1000, 1280) vs (3, 1280)")
+
+
+def test_tf_arch_run_remembers_padding_and_normalisation_on_resume(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    advprop = ["--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"]
+    common = ["--data", tiny_data, *TINY, "--output-dir", out, "--workers", "0", "--steps-per-epoch", "1",
+              "--eval-every", "0"]
+    assert train.main([str(a) for a in common + ["--arch", "tf_efficientnet_b0", "--epochs", "1", *advprop]]) == 0
+    saved = json.load(open(out / "args.json"))
+    assert (saved["arch"], saved["bn_eps"], saved["bn_momentum"]) == ("tf_b0", 1e-3, 0.01)
+    assert (saved["mean"], saved["std"]) == ([0.5] * 3, [0.5] * 3)
+    capsys.readouterr()
+    resume = common + ["--epochs", "2", "--resume", out / "last.pt"]
+    fails_with(capsys, [*resume, "--arch", "b0", *advprop], "checkpoint is for tf_b0, not b0: pass --arch tf_b0")
+    fails_with(capsys, [*resume, "--arch", "tf_b0"],
+               "checkpoint was trained with --mean 0.5 0.5 0.5, not 0.485 0.456 0.406: pass --mean 0.5 0.5 0.5")
+    assert train.main([str(a) for a in [*resume, "--arch", "tf_b0", *advprop]]) == 0  # timm's name or the short one
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("name,interpolation,mean,std", [
+    ("tf_efficientnet_b0", "bicubic", (0.5,) * 3, (0.5,) * 3),  # AdvProp (.ap) weights
+    ("efficientnet_b0", "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision b1 V2's filter
+])
+def test_evaluate_flags_reproduce_timms_eval_pipeline(tiny_data, capsys, tmp_path, name, interpolation, mean, std):
+    """timm's own transform (Resize(floor(S / crop_pct)) + CenterCrop(S)) and model against
+    --evaluate with --image-size S --val-resize R --val-interpolation --mean --std: same images,
+    same logits. Odd sizes exercise the TF padding."""
+    timm = pytest.importorskip("timm")
+    from timm.data import create_transform
+    reference = calibrate_bn_(randomize_(timm.create_model(name, pretrained=False), seed=7))  # logits that see the input
+    torch.save(reference.state_dict(), tmp_path / "weights.pth")
+    size, crop_pct = 33, 0.88  # R = floor(33 / 0.88) = 37
+    args = ["--evaluate", "--weights", tmp_path / "weights.pth", "--data", tiny_data, "--arch", name,
+            "--num-classes", "1000", "--image-size", size, "--val-resize", 37, "--val-interpolation", interpolation,
+            "--mean", *mean, "--std", *std, "--batch-size", 4, "--workers", 0]
+    assert train.main([str(a) for a in args]) == 0
+    ours = last_json(capsys.readouterr().out)
+    transform = create_transform(size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    dataset = torchvision.datasets.ImageFolder(os.path.join(tiny_data, "val"), transform)
+    images = torch.stack([x for x, _ in dataset])
+    labels = torch.tensor([y for _, y in dataset])
+    with torch.no_grad():
+        logits = reference(images)
+    hits = logits.topk(5, 1).indices == labels[:, None]
+    assert ours["images"] == len(dataset) == 9
+    assert ours["top1"] == pytest.approx(100 * hits[:, 0].float().mean().item())
+    assert ours["top5"] == pytest.approx(100 * hits.any(1).float().mean().item())
+    assert ours["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
