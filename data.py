@@ -18,6 +18,7 @@ never depends on worker count, rank count, decoder or where a run resumed.
 """
 import argparse
 import atexit
+import ctypes
 import importlib.util
 import io
 import math
@@ -317,7 +318,8 @@ def sample_rng(seed, epoch, index):
 
 def find_classes(folder):
     if not os.path.isdir(folder):
-        raise DataError(f"data folder {folder} does not exist (expected DATA/train/<class>/*.JPEG "
+        problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise DataError(f"data folder {folder} {problem} (expected DATA/train/<class>/*.JPEG "
                         f"and DATA/val/<class>/*.JPEG; --data demo runs without ImageNet)")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
@@ -449,7 +451,8 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
     if data == "demo":
         return DemoShapes("train", train_tf, seed) if with_train else None, DemoShapes("val", val_tf, seed)
     if not os.path.isdir(data):
-        raise DataError(f"data folder {data} does not exist (give the ImageNet root holding train/ "
+        problem = "is a file, not a folder" if os.path.exists(data) else "does not exist"
+        raise DataError(f"data folder {data} {problem} (give the ImageNet root holding train/ "
                         f"and val/, or --data demo / --data synthetic)")
     val = ImageFolder(os.path.join(data, "val"), val_tf, seed)
     if not with_train:
@@ -470,12 +473,12 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
 class TrainSampler(torch.utils.data.Sampler):
     """DistributedSampler semantics: a permutation from (seed, epoch) shared by all ranks, padded
     with its own first indices to a multiple of the world size, rank r taking every world-th index.
-    Yields (index, epoch). `set_epoch(epoch, skip)` also skips the first `skip` samples of this
-    rank's share, so a run resumed mid-epoch continues with the very next batch."""
+    Yields (index, epoch). `set_epoch(epoch, skip)` first drops the permutation's first `skip`
+    samples, the ones all ranks together used in the steps already taken, so a run resumed
+    mid-epoch, on this or on another number of ranks, continues with the very next samples."""
 
     def __init__(self, size, rank=0, world_size=1, seed=0):
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
-        self.per_rank = math.ceil(size / world_size)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
@@ -483,17 +486,17 @@ class TrainSampler(torch.utils.data.Sampler):
 
     def indices(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        total = self.per_rank * self.world_size
+        order = torch.randperm(self.size, generator=g).tolist()[self.skip:]
+        total = len(self) * self.world_size
         while len(order) < total:  # pad with the first indices again, as DistributedSampler does
             order += order[: total - len(order)]
         return order[self.rank:total:self.world_size]
 
     def __iter__(self):
-        return ((i, self.epoch) for i in self.indices()[self.skip:])
+        return ((i, self.epoch) for i in self.indices())
 
     def __len__(self):
-        return self.per_rank - self.skip
+        return math.ceil((self.size - self.skip) / self.world_size)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -518,7 +521,18 @@ def _worker_init(worker_id):
     # of a job step, and a worker killed by SIGTERM would crash the run before it can checkpoint.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(1)
+
+
+def _die_with_parent():
+    """Linux: SIGKILL this worker as soon as its process dies. Otherwise the workers of a killed
+    rank 0 live on for up to 5 s (PyTorch's watchdog interval), holding the run folder's lock that
+    they inherited, and a job restarted sooner (torchrun --max-restarts) finds the folder in use."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl (not Linux): the watchdog still ends them
+        pass
 
 
 def _kill_workers_at_exit():

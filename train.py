@@ -6,8 +6,10 @@
     python train.py --data my_classes --weights efficientnet_b0.pth --epochs 30 ...   # fine-tune
 
 Exit codes: 0 finished (or --run-epochs done), 2 usage error (one line, no traceback),
-3 non-finite loss (nothing saved after it), 75 preempted by SIGTERM/SIGUSR1 (last.pt written:
-requeue with --resume auto). Under torchrun a worker's non-zero code reaches the shell as 1.
+3 non-finite loss (nothing saved after it), 4 another process hung or died (--dist-timeout;
+rerun with --resume auto), 5 disk full (the previous last.pt kept), 75 preempted by
+SIGTERM/SIGUSR1 (last.pt written: requeue with --resume auto). Under torchrun a worker's non-zero
+code reaches the shell as 1.
 """
 import argparse
 import contextlib
@@ -30,7 +32,7 @@ import utils
 from efficientnet import SCALING, arch_config, canonical_arch, convert_state_dict, create_model, load_pretrained, member
 from utils import UsageError
 
-EXIT_USAGE, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
+EXIT_USAGE, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_DISK_FULL, EXIT_PREEMPTED = 2, 3, 4, 5, 75
 
 
 class Preempted(Exception):
@@ -55,6 +57,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         print(f"error: {message} (see train.py --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def seconds(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def parse_args(argv=None):
@@ -124,6 +133,9 @@ def parse_args(argv=None):
     g.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N steps (0: only at epoch ends)")
     g.add_argument("--run-epochs", type=int, default=0, help="run this many epochs of the schedule, save and exit 0 (0: to the end)")
     g.add_argument("--steps-per-epoch", type=int, default=0, help="cap the steps of an epoch, e.g. for smoke tests and throughput runs (0: the whole train set)")
+    g.add_argument("--dist-timeout", type=seconds, default=1800,
+                   help="seconds a process waits for the others (set-up, every collective) before the run stops "
+                        "with an error: a stopped, hung or lost process cannot block the run forever")
     g.add_argument("--max-nonfinite", type=int, default=20, help="fp16: stop after this many consecutive skipped steps (bf16/fp32 stop at the first)")
     return p.parse_args(argv)
 
@@ -279,15 +291,42 @@ def prepare_run(args, env):
     return output_dir, checkpoint
 
 
+def restore_rng(env, state):
+    note = utils.set_rng_state(state, env.device)  # a note when an older checkpoint's GPU states are ambiguous
+    if note:
+        log(env, note)
+
+
 def log(env, message):
     if env.main:
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()
 
 
+def write_on_main(env, write, *args):
+    """Collective: rank 0 calls `write(*args)`, which writes a file of the run; a full disk there
+    raises DiskFull on every rank, so that all stop together. Doubles as a barrier: nobody exits
+    (and so gets the others killed by torchrun) before the write."""
+    problem = None
+    if env.main:
+        try:
+            write(*args)
+        except utils.DiskFull as e:
+            problem = str(e)
+    problem = utils.broadcast_object(problem, env)
+    if problem:
+        raise utils.DiskFull(problem)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    env = utils.init_distributed()
+    timeout = f"--dist-timeout {args.dist_timeout:g} s"
+    try:
+        env = utils.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
+    except RuntimeError as e:  # torchrun's next restart (or the scheduler) takes over from here
+        print(f"error: rank {os.environ.get('RANK')}: the process group did not form within {timeout} "
+              f"({utils.first_line(e)}); start the job again (--resume auto continues the run)", file=sys.stderr)
+        return EXIT_PEER_LOST
     try:
         return run(resolve_args(args), env)
     except (UsageError, data.DataError) as e:
@@ -302,6 +341,19 @@ def main(argv=None):
     except Preempted as e:
         log(env, str(e))
         return EXIT_PREEMPTED
+    except utils.DiskFull as e:
+        log(env, f"error: {e}. Free space there (or move the folder and pass it as --output-dir), then "
+                 f"rerun with --resume auto")
+        return EXIT_DISK_FULL
+    except RuntimeError as e:
+        if env.world_size == 1 or not utils.is_peer_failure(e):
+            raise
+        # Every rank that gets here says so: the one still running may not be rank 0.
+        what = (f"waited {timeout} for another process, which is stopped, hung or unreachable"
+                if "timed out" in str(e).lower() else "lost another process, which crashed or whose host went down")
+        print(f"error: rank {env.rank} {what} ({utils.first_line(e)}); nothing was saved after the last "
+              f"checkpoint: rerun with --resume auto (exit code {EXIT_PEER_LOST})", file=sys.stderr)
+        return EXIT_PEER_LOST
     finally:
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -313,10 +365,10 @@ def run(args, env):
     cuda = env.device.type == "cuda"
     if args.decode == "gpu" and not cuda and not args.evaluate:
         raise UsageError("--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
+    if args.sync_bn and not cuda:
+        raise UsageError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only); leave it off on the CPU")
     channels_last = cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if args.sync_bn and env.world_size > 1 and not cuda:  # DDP would stop with a traceback
-        raise UsageError("--sync-bn: SyncBatchNorm runs on GPUs only; on the CPU leave it out")
     if amp_dtype == torch.bfloat16 and cuda and not native_bf16(env.device):
         log(env, "note: this GPU emulates bfloat16 (compute capability below 8.0), slowly; --amp fp16 is faster here")
     torch.backends.cudnn.benchmark = not args.deterministic  # autotuning picks kernels by timing: run-dependent
@@ -362,7 +414,8 @@ def run(args, env):
     model = create_model(args.arch, num_classes, dropout=args.dropout, drop_path_rate=args.drop_path,
                          bn_eps=args.bn_eps, bn_momentum=args.bn_momentum, lean_activations=lean)
     if args.weights:
-        weights = utils.load_checkpoint(args.weights)
+        weights = utils.load_checkpoint(args.weights, what="--weights file",
+                                        advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
         try:
             if args.evaluate:  # every tensor, the classifier's too
                 model.load_state_dict(convert_state_dict(weights, model))
@@ -375,6 +428,11 @@ def run(args, env):
             log(env, f"warning: {args.weights} looks like Google's TF weights (timm's tf_ files), which need "
                      f"--arch tf_efficientnet_{member(args.arch)} (TF padding and BatchNorm)")
     if checkpoint is not None:
+        classes_then = checkpoint["model"]["classifier.weight"].shape[0]
+        if classes_then != num_classes:
+            raise UsageError(f"the checkpoint was trained on {classes_then} classes, this run has {num_classes} "
+                             f"({'--num-classes' if args.num_classes else f'--data {args.data}'}): resume it with "
+                             f"its own data, or fine-tune from it with --weights CHECKPOINT (a new run)")
         model.load_state_dict(checkpoint["model"])
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(env.device, memory_format=memory_format)
@@ -391,8 +449,7 @@ def run(args, env):
         return 0
 
     global_batch = args.batch_size * env.world_size * args.accum_steps
-    per_rank = math.ceil(len(train_set) / env.world_size)
-    if per_rank < args.batch_size * args.accum_steps:
+    if len(train_set) < global_batch:
         raise UsageError(f"a step needs {global_batch} images (--batch-size {args.batch_size} x {env.world_size} "
                          f"processes x --accum-steps {args.accum_steps}) but the train set has {len(train_set)}; "
                          f"lower --batch-size")
@@ -400,7 +457,9 @@ def run(args, env):
     train_loader = data.DeviceLoader(
         data.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True, pin_memory=cuda),
         env.device, channels_last, args.mean, args.std)
-    steps_per_epoch = per_rank // args.batch_size // args.accum_steps
+    # Every step takes a global batch of distinct images (the sampler's padding is never reached), so
+    # an epoch has as many steps on any number of processes that keeps the global batch.
+    steps_per_epoch = len(train_set) // global_batch
     if args.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
     total_steps = steps_per_epoch * args.epochs
@@ -435,31 +494,43 @@ def run(args, env):
             ema.load_state_dict(checkpoint["ema"])
         start_epoch, start_step, step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
         best_top1, history = checkpoint["best_top1"], checkpoint["history"]
-        ranks = checkpoint["ranks"]  # per-rank state: RNG streams and this epoch's running sums
-        same_layout = (len(ranks), checkpoint["args"]["batch_size"], checkpoint["args"]["accum_steps"]) \
-            == (env.world_size, args.batch_size, args.accum_steps)
-        if same_layout:
-            note = utils.set_rng_state(ranks[env.rank]["rng"], env.device)
-            if note:
-                log(env, note)
+        ranks, then = checkpoint["ranks"], checkpoint["args"]  # ranks: per-rank RNG streams and running sums
+        global_then = then["batch_size"] * len(ranks) * then["accum_steps"]
+        if global_then != global_batch:
+            per_step = args.batch_size * env.world_size
+            keep = (f"pass --accum-steps {global_then // per_step}" if global_then % per_step == 0 else
+                    f"choose --batch-size and --accum-steps with batch x {env.world_size} x accumulation = {global_then}")
+            raise UsageError(f"the checkpoint's global batch is {global_then} ({then['batch_size']} x {len(ranks)} "
+                             f"process(es) x {then['accum_steps']} accumulation), this run's {global_batch} "
+                             f"({args.batch_size} x {env.world_size} x {args.accum_steps}); the schedule and the "
+                             f"sample order need the same: {keep} (or start anew from it with --weights)")
+        if len(ranks) == env.world_size:
+            restore_rng(env, ranks[env.rank]["rng"])
             loss_sum.fill_(ranks[env.rank]["loss_sum"])
             watch.skipped.fill_(ranks[env.rank]["skipped"])
         else:
-            log(env, "warning: world size, batch size or accumulation changed since the checkpoint; "
-                     "the run continues, but not bit for bit as it would have")
+            # The sampler skips what all ranks consumed together, so the epoch goes on with exactly the
+            # samples not yet seen. Random streams cannot pass one to one: ranks beyond the old count keep
+            # their fresh seed. The epoch's loss is a mean over ranks: the old ranks' sum is rescaled.
+            if env.rank < len(ranks):
+                restore_rng(env, ranks[env.rank]["rng"])
             if env.main:
-                loss_sum.fill_(sum(r["loss_sum"] for r in ranks))
+                loss_sum.fill_(sum(r["loss_sum"] for r in ranks) * env.world_size / len(ranks))
                 watch.skipped.fill_(max(r["skipped"] for r in ranks))
+        if (len(ranks), then["batch_size"], then["accum_steps"]) != (env.world_size, args.batch_size, args.accum_steps):
+            left = len(train_set) - start_step * global_batch if start_step else len(train_set)
+            log(env, f"resuming on {env.world_size} process(es) x {args.batch_size} x {args.accum_steps} accumulation "
+                     f"(the checkpoint: {len(ranks)} x {then['batch_size']} x {then['accum_steps']}), the same global "
+                     f"batch {global_batch}: epoch {start_epoch + 1} continues with the {left} images not yet seen; "
+                     f"schedule and step count go on, but not bit for bit as it would have")
         changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
                    if k in ("lr", "epochs", "warmup_epochs", "opt", "weight_decay", "mixup", "label_smoothing")
                    and getattr(args, k) != v}
         if changed:
             log(env, "note: the command line changes " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
-    if env.main:
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        utils.write_jsonl(os.path.join(output_dir, "metrics.jsonl"), history)
+    write_on_main(env, utils.write_json, os.path.join(output_dir, "args.json"), vars(args))
+    write_on_main(env, utils.write_jsonl, os.path.join(output_dir, "metrics.jsonl"), history)
 
     log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in model.parameters()):,} parameters, "
              f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {num_classes} classes, "
@@ -492,9 +563,11 @@ def run(args, env):
                  "ema": ema.state_dict() if ema else None, "best_top1": best_top1, "history": history,
                  "ranks": utils.gather_objects({"rng": utils.rng_state(env.device), "loss_sum": loss_sum.item(),
                                                 "skipped": watch.skipped.item()}, env)}
-        if env.main:
-            utils.save_atomic(state, ckpt_path)
-        utils.barrier(env)  # nobody exits (and so gets the others killed by torchrun) before the write
+        try:
+            write_on_main(env, utils.save_atomic, state, ckpt_path)
+        except utils.DiskFull as e:
+            kept = f"{ckpt_path} is kept as it was" if os.path.exists(ckpt_path) else "no checkpoint written yet"
+            raise utils.DiskFull(f"{e} ({kept})") from None
 
     # ---------------------------------------------------------------- loop
     epochs_run = 0
@@ -506,7 +579,7 @@ def run(args, env):
         if first_step == 0:
             loss_sum.zero_()
             watch.skipped.zero_()
-        train_sampler.set_epoch(epoch, skip=first_step * args.accum_steps * args.batch_size)
+        train_sampler.set_epoch(epoch, skip=first_step * global_batch)
         train_model.train()
         batches = iter(train_loader)
         bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -614,10 +687,9 @@ def run(args, env):
         # (gloo may abort a rank whose peer tears the group down at that moment).
         stopping = stop.requested(now=True)
         save(epoch + 1, 0)
-        if env.main:
-            utils.write_jsonl(os.path.join(output_dir, "metrics.jsonl"), history)
-            if is_best:
-                utils.copy_atomic(ckpt_path, os.path.join(output_dir, "best.pt"))
+        write_on_main(env, utils.write_jsonl, os.path.join(output_dir, "metrics.jsonl"), history)
+        if is_best:
+            write_on_main(env, utils.copy_atomic, ckpt_path, os.path.join(output_dir, "best.pt"))
         summary = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
         log(env, summary)
         epochs_run += 1

@@ -1,11 +1,14 @@
 """Small pieces train.py builds on: torchrun set-up, checkpoint files, RNG state, signals, EMA."""
 import contextlib
 import copy
+import datetime
+import errno
 import fcntl
 import inspect
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +22,10 @@ import torch.distributed as dist
 
 class UsageError(Exception):
     """Bad command-line input: train.py prints the message on one line and exits with code 2."""
+
+
+class DiskFull(Exception):
+    """A file of the run did not fit on its disk (the previous version of it is kept)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,9 +44,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed():
+def init_distributed(timeout=datetime.timedelta(minutes=30)):
     """torchrun's environment -> Dist. Plain `python train.py` is world size 1, no process group.
-    NCCL on CUDA, gloo on CPU; one GPU per process (LOCAL_RANK)."""
+    NCCL on CUDA, gloo on CPU; one GPU per process (LOCAL_RANK). Set-up and every collective give
+    up after `timeout` (RuntimeError) instead of waiting for a stopped or vanished process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -51,10 +59,62 @@ def init_distributed():
     if world_size == 1:
         return Dist(device=device)
     cuda = device.type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    store = _this_attempts_store(rank, world_size, timeout) if _under_torchrun_agent_store() else None
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout,
+                            store=store, rank=rank, world_size=world_size)
     # Stop flags are agreed on every step; a gloo group keeps that off the GPU stream (no sync).
-    control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
     return Dist(rank, local_rank, world_size, device, control)
+
+
+def _under_torchrun_agent_store():
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _this_attempts_store(rank, world_size, timeout):
+    """The store of torchrun's agent, seen under a prefix that only this attempt's processes use.
+
+    The agent keeps one TCPStore for the whole job, restarts included (--max-restarts), and torch
+    puts no attempt prefix on the keys: a restarted group would read the addresses that the
+    killed processes published there, and gloo (NCCL likewise) would connect to a dead port
+    ("Connection refused") or to whatever listens there now (a hang). TORCHELASTIC_RESTART_COUNT
+    cannot be the prefix: every node's agent counts only its own restarts. So rank 0 publishes a
+    fresh token and answers each other rank by a nonce of that rank's; a rank that read a dead
+    attempt's token gets no answer, reads the token again and joins anew."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    current = "train.py/attempt"
+    if rank == 0:
+        token = os.urandom(8).hex()
+        store.set(current, token)
+        joined = [f"train.py/{token}/joined/{r}" for r in range(1, world_size)]
+        store.wait(joined)  # the store's timeout bounds it
+        nonces = [n.decode() for n in store.multi_get(joined)]
+        store.multi_set([f"train.py/{token}/welcome/{n}" for n in nonces], ["1"] * len(nonces))
+    else:
+        nonce, token, deadline = os.urandom(8).hex(), None, time.monotonic() + timeout.total_seconds()
+        while token is None or not store.check([f"train.py/{token}/welcome/{nonce}"]):
+            if time.monotonic() > deadline:
+                raise dist.DistStoreError(f"rank 0 did not answer within {timeout.total_seconds():g} s")
+            latest = store.get(current).decode()
+            if latest != token:
+                token = latest
+                store.set(f"train.py/{token}/joined/{rank}", nonce)
+            time.sleep(0.2)
+    return dist.PrefixStore(f"train.py/{token}", store)
+
+
+def is_peer_failure(error):
+    """Whether `error` (raised by a collective or by set-up) means that another process of the
+    group stopped answering or went away, rather than a bug of this one."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or "gloo/transport" in text or "Gloo connectFullMesh" in text
+
+
+def first_line(error):
+    """The gist of an error for a one-line message: its first sentence, without C++ source locations."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(error)).strip()
+    return text.splitlines()[0].split(". ")[0][:300] if text else type(error).__name__
 
 
 def all_reduce(tensor, env, op=dist.ReduceOp.SUM, group=None):
@@ -162,25 +222,54 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+def _out_of_space(error):
+    """Whether a write failed for want of space (or quota); torch.save reports it as a RuntimeError
+    raised while handling the OSError, so the chain of causes is searched."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _megabytes(size):
+    return f"{size / 2 ** 20:,.0f} MB" if size >= 2 ** 20 else f"{size / 2 ** 10:,.1f} kB"
+
+
 @contextlib.contextmanager
-def _replacing(path):
-    """Yields a hidden temporary name beside `path` to write; when the block succeeds the file is
-    renamed over `path` (atomic) and the folder fsynced, otherwise removed, `path` untouched."""
+def _replacing(path, size):
+    """Yields a hidden temporary name beside `path` to write (about `size` bytes); when the block
+    succeeds the file is renamed over `path` (atomic) and the folder fsynced, otherwise removed,
+    `path` untouched. A full disk raises DiskFull naming the folder and the space needed."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
-    finally:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, Exception) and _out_of_space(e):
+            raise DiskFull(f"no space left in {folder} for {os.path.basename(path)}: it needs about "
+                           f"{_megabytes(size)}, {_megabytes(shutil.disk_usage(folder).free)} are free") from None
+        raise
     _fsync_dir(folder)
+
+
+def _tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_atomic(state, path):
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
     moment leaves either the old file or the new one, never a partial one."""
-    with _replacing(path) as tmp, open(tmp, "wb") as f:
+    with _replacing(path, _tensor_bytes(state)) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
@@ -188,7 +277,7 @@ def save_atomic(state, path):
 
 def copy_atomic(src, dst):
     """`dst` becomes the file `src` is now: a hard link (no copy) where the file system allows it."""
-    with _replacing(dst) as tmp:
+    with _replacing(dst, os.path.getsize(src)) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
@@ -205,15 +294,20 @@ def remove_stale_temporaries(folder):
             os.remove(os.path.join(folder, name))
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True; a missing, truncated or foreign file raises UsageError."""
+def load_checkpoint(path, what="checkpoint", advice="resume from another one"):
+    """torch.load with weights_only=True; a missing, truncated or foreign file raises UsageError
+    (naming it as `what`, ending with `advice`)."""
     if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist")
+        raise UsageError(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):  # torch.save's zip archive or older pickle
+        raise UsageError(f"{what} {path} is not a file that torch.save wrote; {advice}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and torch errors alike mean: not a usable checkpoint
-        raise UsageError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]}); resume from another one") from None
+        raise UsageError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); {advice}") from None
     if not isinstance(state, dict):
         raise UsageError(f"{path} is not a checkpoint or state dict (it holds a {type(state).__name__})")
     return state
@@ -237,10 +331,20 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
     return None, None, skipped
 
 
+def write_json(path, obj):
+    """Rewrite `path` with `obj` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2)
+    with _replacing(path, len(text.encode())) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_jsonl(path, rows):
     """Rewrite `path` with one JSON object per line, atomically."""
-    with _replacing(path) as tmp, open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    with _replacing(path, len(text.encode())) as tmp, open(tmp, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 

@@ -1,14 +1,17 @@
 """Run train.main (under torchrun or alone) and record, per rank, what tests cannot see from outside:
-the state of the model each rank evaluates, the evaluation results, and every write under
-$SPY_WATCH that a rank other than 0 attempts. Results go to $SPY_DIR/rank<R>.json and
-rank<R>_eval<i>.pt. It can also make chosen training losses NaN ($SPY_NAN_STEPS)."""
+the state of the model each rank evaluates, the evaluation results, every write under $SPY_WATCH
+that a rank other than 0 attempts, and the train indices the sampler gave with the losses of the
+micro-batches trained. Results go to $SPY_DIR/rank<R>.json and rank<R>_eval<i>.pt. It can also make
+chosen training losses NaN ($SPY_NAN_STEPS) or send rank 0 a SIGTERM ($SPY_SIGTERM_AT)."""
 import builtins
 import json
 import os
+import signal
 import sys
 
 import torch
 
+import data
 import train
 
 rank = int(os.environ.get("RANK", "0"))
@@ -67,7 +70,32 @@ if os.environ.get("SPY_NAN_STEPS"):
         return loss * float("nan") if first <= calls[0] <= last else loss
 
     train.criterion = nan_criterion
+
+# The sampler's indices in the order given; the micro-batches trained took the first
+# len(losses) x batch size of them.
+sampled, losses = [], []
+real_iter, counted_criterion = data.TrainSampler.__iter__, train.criterion
+signal_at = int(os.environ.get("SPY_SIGTERM_AT", "0"))  # rank 0's micro-batch (1-based) that gets it
+
+
+def spy_iter(self):
+    for index, epoch in real_iter(self):
+        sampled.append(index)
+        yield index, epoch
+
+
+def spy_criterion(*args, **kwargs):
+    loss = counted_criterion(*args, **kwargs)
+    losses.append(loss.item())
+    if rank == 0 and len(losses) == signal_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss
+
+
+data.TrainSampler.__iter__ = spy_iter
+train.criterion = spy_criterion
 code = train.main(sys.argv[1:])
 with real_open(os.path.join(spy_dir, f"rank{rank}.json"), "w") as f:
-    json.dump({"writes": writes, "evaluations": evaluations, "code": code}, f)
+    json.dump({"writes": writes, "evaluations": evaluations, "code": code, "sampled": sampled,
+               "losses": losses}, f)
 sys.exit(code)

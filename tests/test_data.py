@@ -45,11 +45,31 @@ def test_train_shards_equal_complete_and_reshuffled(world, size):
 
 
 def test_train_sampler_skip_resumes_with_the_next_samples():
+    # `skip` counts what all ranks used together: 10 steps of one sample on each of 3 ranks here.
     sampler = TrainSampler(100, rank=1, world_size=3, seed=0)
     sampler.set_epoch(4)
     full = list(sampler)
-    sampler.set_epoch(4, skip=10)
-    assert list(sampler) == full[10:] and len(sampler) == len(full) - 10
+    sampler.set_epoch(4, skip=30)
+    assert len(full) == 34 and len(sampler) == 24  # 70 left, padded to 72
+    assert list(sampler)[:23] == full[10:33]  # the last one of each is padding
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (4, 2), (2, 3)])
+def test_train_sampler_continues_an_epoch_on_another_world_size(before, after):
+    # 50 images, global batch 12: 4 steps; 2 taken on `before` ranks, the other 2 on `after` ranks.
+    size, global_batch, steps, taken = 50, 12, 4, 2
+
+    def used(world, skip, count):
+        per_rank = count * global_batch // world
+        ranks = [TrainSampler(size, r, world, seed=3) for r in range(world)]
+        for sampler in ranks:
+            sampler.set_epoch(2, skip=skip)
+        return [i for sampler in ranks for i, _ in list(sampler)[:per_rank]]
+
+    resumed = used(before, 0, taken) + used(after, taken * global_batch, steps - taken)
+    uninterrupted = used(before, 0, steps)
+    assert len(resumed) == len(set(resumed)) == steps * global_batch
+    assert set(resumed) == set(uninterrupted)
 
 
 # ----------------------------------------------------------------------------------- decoding

@@ -319,5 +319,5 @@ def test_cuda_inductor_grad_checkpointing_matches_eager():
 def test_sync_bn_on_cpu_ranks_is_refused_in_one_line(tiny_data, tmp_path):
     result = run_train(["--data", tiny_data, *TINY, "--output-dir", tmp_path, "--workers", "0", "--sync-bn"], nproc=2)
     assert result.returncode != 0
-    assert "error: --sync-bn: SyncBatchNorm runs on GPUs only; on the CPU leave it out" in result.stderr
+    assert "error: --sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only); leave it off on the CPU" in result.stderr
     assert "File \"" + os.path.join(ROOT, "train.py") not in result.stderr  # torchrun's own traceback only

@@ -93,6 +93,14 @@ def children(pid):
     return found
 
 
+def alive(pid):
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has closed its files
+
+
 def rank_pid(torchrun_pid, rank):
     for pid in children(torchrun_pid):
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
@@ -155,6 +163,59 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_save(data_root, referenc
     resumed = run_train(["--data", data_root, "--output-dir", tmp_path, *RUN, "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path, reference)
+
+
+def test_rank_killed_under_torchrun_max_restarts_ends_equal_to_uninterrupted(data_root, reference_two_ranks,
+                                                                            tmp_path):
+    # torchrun restarts the group by itself (--max-restarts); the new processes continue from the
+    # periodic checkpoint (--resume auto), past the dead rank 0's lock and temporary file.
+    args = ["--data", data_root, "--output-dir", tmp_path, *RUN, "--batch-size", "2", "--save-every-steps", "3",
+            "--resume", "auto"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+         TRAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    wait_for_line(process, "epoch 1/2 step 8/12")
+    stale = tmp_path / ".last.pt.tmp.4000000"  # as if rank 0 died while writing a checkpoint
+    stale.write_bytes(b"partial")
+    rank0 = rank_pid(process.pid, 0)
+    workers = children(rank0)  # its loader workers inherited the folder's lock: they must die with it
+    assert len(workers) == 2  # --workers 2 of the train loader (no evaluation yet)
+    os.kill(rank0, signal.SIGKILL)
+    deadline = time.time() + 2
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert f"resuming from {tmp_path / 'last.pt'}" in out
+    assert "error: rank 1 lost another process, which crashed or whose host went down" in err
+    assert not stale.exists()
+    assert_same_run(tmp_path, reference_two_ranks)
+
+
+def test_restarted_group_does_not_read_the_dead_group_s_addresses(tmp_path):
+    # torchrun's agent keeps its store across restarts; the dead rank 0 published its address there.
+    # The new rank 0 comes late, so that the new rank 1 would find only the dead one's address.
+    script = tmp_path / "group.py"
+    script.write_text(
+        "import os, signal, time, torch, torch.distributed as dist, utils\n"
+        "attempt, rank = int(os.environ['TORCHELASTIC_RESTART_COUNT']), int(os.environ['RANK'])\n"
+        "if attempt == 1 and rank == 0:\n"
+        "    time.sleep(5)\n"
+        "env = utils.init_distributed(__import__('datetime').timedelta(seconds=60))\n"
+        "total = torch.ones(1)\n"
+        "dist.all_reduce(total)\n"
+        "print(f'attempt {attempt} rank {rank} sum {total.item():g}', flush=True)\n"
+        "if attempt == 0 and rank == 1:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(60 if attempt == 0 else 0)\n"
+        "dist.destroy_process_group()\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--max-restarts=1", str(script)], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "attempt 1 rank 0 sum 2" in result.stdout and "attempt 1 rank 1 sum 2" in result.stdout
 
 
 # -------------------------------------------------------------------------- checkpoint files
