@@ -14,6 +14,7 @@ code reaches the shell as 1.
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import math
 import os
@@ -136,6 +137,9 @@ def parse_args(argv=None):
     g.add_argument("--dist-timeout", type=seconds, default=1800,
                    help="seconds a process waits for the others (set-up, every collective) before the run stops "
                         "with an error: a stopped, hung or lost process cannot block the run forever")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the interval and epoch figures for TensorBoard under OUTPUT_DIR/tensorboard "
+                        "(needs the tensorboard package)")
     g.add_argument("--max-nonfinite", type=int, default=20, help="fp16: stop after this many consecutive skipped steps (bf16/fp32 stop at the first)")
     return p.parse_args(argv)
 
@@ -182,6 +186,12 @@ def resolve_args(args):
         raise UsageError("give --resume (continue a run) or --weights (start from weights), not both")
     if args.resume == "auto" and not args.output_dir:
         raise UsageError("--resume auto needs --output-dir (the run folder to continue)")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # optional: fails without the tensorboard package
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or leave the flag out)") from None
     if args.weights and not os.path.isfile(args.weights):
         raise UsageError(f"--weights file {args.weights} does not exist")
     return args
@@ -359,16 +369,47 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+class Run:
+    """The state that the phases of a training run share, one plain object: `build` fills it,
+    `restore` rewinds it to a checkpoint, `train_one_epoch` and `evaluate_and_save` move it on."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
 def run(args, env):
-    # ---------------------------------------------------------------- set-up
+    amp_dtype, cuda = set_up_torch(args, env)
+    output_dir, checkpoint = prepare_run(args, env)
+    if args.evaluate and checkpoint is None and not args.weights:
+        raise UsageError(f"--resume auto found no checkpoint in {output_dir} to evaluate")
+    if checkpoint is not None and checkpoint["epoch"] >= args.epochs and not args.evaluate:
+        log(env, f"the run in {output_dir} already finished its {args.epochs} epochs; nothing to do")
+        return 0
+    lock = None if args.evaluate else take_run_dir(output_dir, env)  # held until the process exits
+    r = build(args, env, amp_dtype, cuda, output_dir, checkpoint)
+    if args.evaluate:
+        return evaluate_only(r, checkpoint)
+    if checkpoint is not None:
+        restore(r, checkpoint)
+    start(r, lock)
+    for epoch in range(r.start_epoch, args.epochs):
+        if args.run_epochs and epoch - r.start_epoch == args.run_epochs:
+            log(env, f"ran {args.run_epochs} epoch(s) as asked (--run-epochs); continue with --resume auto")
+            return 0
+        row = train_one_epoch(r, epoch)
+        evaluate_and_save(r, epoch, row)
+    log(env, f"done: best val top-1 {r.best_top1:.3f}" if r.best_top1 >= 0 else "done")
+    return 0
+
+
+def set_up_torch(args, env):
+    """-> (autocast dtype or None, whether on CUDA); refuses what this device cannot do."""
     amp_dtype = resolve_amp(args.amp, env.device)
     cuda = env.device.type == "cuda"
     if args.decode == "gpu" and not cuda and not args.evaluate:
         raise UsageError("--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
     if args.sync_bn and not cuda:
         raise UsageError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only); leave it off on the CPU")
-    channels_last = cuda if args.channels_last is None else args.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if amp_dtype == torch.bfloat16 and cuda and not native_bf16(env.device):
         log(env, "note: this GPU emulates bfloat16 (compute capability below 8.0), slowly; --amp fp16 is faster here")
     torch.backends.cudnn.benchmark = not args.deterministic  # autotuning picks kernels by timing: run-dependent
@@ -378,26 +419,31 @@ def run(args, env):
         torch.use_deterministic_algorithms(True, warn_only=True)  # warns naming any op that has no such kernel
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 as NVIDIA's recipe on A100
     torch.backends.cudnn.allow_tf32 = True
-    output_dir, checkpoint = prepare_run(args, env)
-    if args.evaluate and checkpoint is None and not args.weights:
-        raise UsageError(f"--resume auto found no checkpoint in {output_dir} to evaluate")
-    if checkpoint is not None and checkpoint["epoch"] >= args.epochs and not args.evaluate:
-        log(env, f"the run in {output_dir} already finished its {args.epochs} epochs; nothing to do")
-        return 0
-    if not args.evaluate:  # rank 0 holds the run folder's lock until it exits; all ranks learn the outcome
-        lock = lock_error = None
-        if env.main:
-            os.makedirs(output_dir, exist_ok=True)
-            try:
-                lock = utils.lock_run_dir(output_dir)
-                utils.remove_stale_temporaries(output_dir)  # left by a run killed while saving
-            except UsageError as e:
-                lock_error = str(e)
-        lock_error = utils.broadcast_object(lock_error, env)
-        if lock_error:
-            raise UsageError(lock_error)
+    return amp_dtype, cuda
 
-    # ---------------------------------------------------------------- data
+
+def take_run_dir(output_dir, env):
+    """Rank 0 locks the run folder (the lock lives as long as the returned handle) and clears the
+    temporaries of a run killed while saving; every rank learns the outcome."""
+    lock = lock_error = None
+    if env.main:
+        os.makedirs(output_dir, exist_ok=True)
+        try:
+            lock = utils.lock_run_dir(output_dir)
+            utils.remove_stale_temporaries(output_dir)  # left by a run killed while saving
+        except UsageError as e:
+            lock_error = str(e)
+    lock_error = utils.broadcast_object(lock_error, env)
+    if lock_error:
+        raise UsageError(lock_error)
+    return lock
+
+
+def build(args, env, amp_dtype, cuda, output_dir, checkpoint):
+    """Data, model (with --weights or the checkpoint's weights), and for training the loaders,
+    schedule, DDP wrapper, optimizer, GradScaler and EMA: a Run at step 0."""
+    channels_last = cuda if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     train_set, val_set = data.build_datasets(args.data, args.image_size, args.val_resize, args.seed,
                                              args.min_crop_scale, args.autoaugment, with_train=not args.evaluate,
                                              decode=args.decode if not args.evaluate else "cpu",
@@ -408,25 +454,12 @@ def run(args, env):
                           args.batch_size, args.workers, train=False, pin_memory=cuda), env.device, channels_last,
         args.mean, args.std)
 
-    # ---------------------------------------------------------------- model
     utils.seed_everything(args.seed + env.rank)
     lean = not cuda if args.lean_activations is None else args.lean_activations
     model = create_model(args.arch, num_classes, dropout=args.dropout, drop_path_rate=args.drop_path,
                          bn_eps=args.bn_eps, bn_momentum=args.bn_momentum, lean_activations=lean)
     if args.weights:
-        weights = utils.load_checkpoint(args.weights, what="--weights file",
-                                        advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
-        try:
-            if args.evaluate:  # every tensor, the classifier's too
-                model.load_state_dict(convert_state_dict(weights, model))
-            else:  # fine-tuning: a classifier of another size keeps its fresh init
-                for line in load_pretrained(model, weights):
-                    log(env, f"--weights {args.weights}: {line}")
-        except ValueError as e:
-            raise UsageError(f"--weights {args.weights}: {e}") from None
-        if os.path.basename(args.weights).startswith("tf_") and not args.arch.startswith("tf_"):
-            log(env, f"warning: {args.weights} looks like Google's TF weights (timm's tf_ files), which need "
-                     f"--arch tf_efficientnet_{member(args.arch)} (TF padding and BatchNorm)")
+        load_weights(model, args, env)
     if checkpoint is not None:
         classes_then = checkpoint["model"]["classifier.weight"].shape[0]
         if classes_then != num_classes:
@@ -436,268 +469,316 @@ def run(args, env):
         model.load_state_dict(checkpoint["model"])
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(env.device, memory_format=memory_format)
-
+    r = Run(args=args, env=env, amp_dtype=amp_dtype, output_dir=output_dir, channels_last=channels_last,
+            lean=lean, train_set=train_set, val_set=val_set, val_loader=val_loader, model=model)
     if args.evaluate:
-        if env.world_size > 1 and args.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        results = evaluate(torch.compile(model) if args.compile else model, val_loader, env, amp_dtype, len(val_set))
-        if checkpoint is not None and checkpoint.get("ema") is not None:
-            model.load_state_dict(checkpoint["ema"])
-            ema_results = evaluate(model, val_loader, env, amp_dtype, len(val_set))
-            results.update({f"ema_{k}": v for k, v in ema_results.items() if k != "images"})
-        log(env, json.dumps(results))
-        return 0
+        return r
 
     global_batch = args.batch_size * env.world_size * args.accum_steps
     if len(train_set) < global_batch:
         raise UsageError(f"a step needs {global_batch} images (--batch-size {args.batch_size} x {env.world_size} "
                          f"processes x --accum-steps {args.accum_steps}) but the train set has {len(train_set)}; "
                          f"lower --batch-size")
-    train_sampler = data.TrainSampler(len(train_set), env.rank, env.world_size, args.seed)
-    train_loader = data.DeviceLoader(
-        data.build_loader(train_set, train_sampler, args.batch_size, args.workers, train=True, pin_memory=cuda),
+    r.train_sampler = data.TrainSampler(len(train_set), env.rank, env.world_size, args.seed)
+    r.train_loader = data.DeviceLoader(
+        data.build_loader(train_set, r.train_sampler, args.batch_size, args.workers, train=True, pin_memory=cuda),
         env.device, channels_last, args.mean, args.std)
     # Every step takes a global batch of distinct images (the sampler's padding is never reached), so
     # an epoch has as many steps on any number of processes that keeps the global batch.
     steps_per_epoch = len(train_set) // global_batch
     if args.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    base_lr = args.lr * global_batch / 4096
+    r.num_classes, r.global_batch, r.steps_per_epoch = num_classes, global_batch, steps_per_epoch
+    r.total_steps = steps_per_epoch * args.epochs
+    r.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    r.base_lr = args.lr * global_batch / 4096
 
     if args.sync_bn and env.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = env.world_size > 1
-    train_model = utils.data_parallel(model, env) if ddp else model
+        model = r.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    r.ddp = env.world_size > 1
+    r.train_model = utils.data_parallel(model, env) if r.ddp else model
     if args.compile:
-        train_model = torch.compile(train_model)
-    eval_model = torch.compile(model) if args.compile else model
-    optimizer = build_optimizer(model, args, base_lr, fused=cuda)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    ema = utils.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+        r.train_model = torch.compile(r.train_model)
+    r.eval_model = torch.compile(model) if args.compile else model
+    r.optimizer = build_optimizer(model, args, r.base_lr, fused=cuda)
+    r.scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    r.ema = utils.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, start_step, step, best_top1, history = 0, 0, 0, -1.0, []
-    loss_sum = torch.zeros((), device=env.device)  # sum of this epoch's step losses on this rank
+    # Where the run stands: the counters that restore() rewinds and the epochs move on.
+    r.start_epoch, r.start_step, r.step, r.best_top1, r.history = 0, 0, 0, -1.0, []
+    r.loss_sum = torch.zeros((), device=env.device)  # sum of this epoch's step losses on this rank
     # Non-finite steps: bf16/fp32 stop at the first; fp16 stops after --max-nonfinite skips in a row.
-    watch = utils.NonFiniteWatch(args.max_nonfinite if scaler.is_enabled() else 1, env.device)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler.is_enabled() and not checkpoint["scaler"]:  # saved by a bf16 or fp32 run
-            log(env, "note: the checkpoint was not trained with --amp fp16; the GradScaler starts afresh")
-        else:
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None:
-            if checkpoint["ema"] is None:
-                raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
-            ema.load_state_dict(checkpoint["ema"])
-        start_epoch, start_step, step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
-        best_top1, history = checkpoint["best_top1"], checkpoint["history"]
-        ranks, then = checkpoint["ranks"], checkpoint["args"]  # ranks: per-rank RNG streams and running sums
-        global_then = then["batch_size"] * len(ranks) * then["accum_steps"]
-        if global_then != global_batch:
-            per_step = args.batch_size * env.world_size
-            keep = (f"pass --accum-steps {global_then // per_step}" if global_then % per_step == 0 else
-                    f"choose --batch-size and --accum-steps with batch x {env.world_size} x accumulation = {global_then}")
-            raise UsageError(f"the checkpoint's global batch is {global_then} ({then['batch_size']} x {len(ranks)} "
-                             f"process(es) x {then['accum_steps']} accumulation), this run's {global_batch} "
-                             f"({args.batch_size} x {env.world_size} x {args.accum_steps}); the schedule and the "
-                             f"sample order need the same: {keep} (or start anew from it with --weights)")
-        if len(ranks) == env.world_size:
-            restore_rng(env, ranks[env.rank]["rng"])
-            loss_sum.fill_(ranks[env.rank]["loss_sum"])
-            watch.skipped.fill_(ranks[env.rank]["skipped"])
-        else:
-            # The sampler skips what all ranks consumed together, so the epoch goes on with exactly the
-            # samples not yet seen. Random streams cannot pass one to one: ranks beyond the old count keep
-            # their fresh seed. The epoch's loss is a mean over ranks: the old ranks' sum is rescaled.
-            if env.rank < len(ranks):
-                restore_rng(env, ranks[env.rank]["rng"])
-            if env.main:
-                loss_sum.fill_(sum(r["loss_sum"] for r in ranks) * env.world_size / len(ranks))
-                watch.skipped.fill_(max(r["skipped"] for r in ranks))
-        if (len(ranks), then["batch_size"], then["accum_steps"]) != (env.world_size, args.batch_size, args.accum_steps):
-            left = len(train_set) - start_step * global_batch if start_step else len(train_set)
-            log(env, f"resuming on {env.world_size} process(es) x {args.batch_size} x {args.accum_steps} accumulation "
-                     f"(the checkpoint: {len(ranks)} x {then['batch_size']} x {then['accum_steps']}), the same global "
-                     f"batch {global_batch}: epoch {start_epoch + 1} continues with the {left} images not yet seen; "
-                     f"schedule and step count go on, but not bit for bit as it would have")
-        changed = {k: (v, getattr(args, k)) for k, v in checkpoint["args"].items()
-                   if k in ("lr", "epochs", "warmup_epochs", "opt", "weight_decay", "mixup", "label_smoothing")
-                   and getattr(args, k) != v}
-        if changed:
-            log(env, "note: the command line changes " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    r.watch = utils.NonFiniteWatch(args.max_nonfinite if r.scaler.is_enabled() else 1, env.device)
+    r.read_retries_seen = data.read_retries(train_set, val_set)
+    r.ckpt_path = os.path.join(output_dir, "last.pt")
+    return r
 
-    write_on_main(env, utils.write_json, os.path.join(output_dir, "args.json"), vars(args))
-    write_on_main(env, utils.write_jsonl, os.path.join(output_dir, "metrics.jsonl"), history)
 
-    log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-             f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {num_classes} classes, "
-             f"{env.world_size} process(es) on {env.device.type}, amp {amp_dtype or 'off'}, "
-             f"{'channels_last' if channels_last else 'NCHW'}{', lean activations' if lean and not args.compile else ''}"
-             f"{', deterministic' if args.deterministic else ''}")
-    log(env, f"global batch {global_batch} = {args.batch_size} x {env.world_size} process(es) x "
-             f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {base_lr:.6g}; "
-             f"{steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {warmup_steps} steps; "
-             f"{args.workers} loader worker(s) per process, decode on {args.decode}; output {output_dir}")
+def load_weights(model, args, env):
+    weights = utils.load_checkpoint(args.weights, what="--weights file",
+                                    advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
+    try:
+        if args.evaluate:  # every tensor, the classifier's too
+            model.load_state_dict(convert_state_dict(weights, model))
+        else:  # fine-tuning: a classifier of another size keeps its fresh init
+            for line in load_pretrained(model, weights):
+                log(env, f"--weights {args.weights}: {line}")
+    except ValueError as e:
+        raise UsageError(f"--weights {args.weights}: {e}") from None
+    if os.path.basename(args.weights).startswith("tf_") and not args.arch.startswith("tf_"):
+        log(env, f"warning: {args.weights} looks like Google's TF weights (timm's tf_ files), which need "
+                 f"--arch tf_efficientnet_{member(args.arch)} (TF padding and BatchNorm)")
 
-    interactive = sys.stderr.isatty()
-    stop = utils.StopSignal(env, max_interval=args.log_every)  # checked without waiting, at most a log interval apart
-    ckpt_path = os.path.join(output_dir, "last.pt")
 
-    def check_finite():
-        """Collective, syncs: stop when a non-finite loss (fp16: too many skipped steps) was seen."""
-        trip = watch.tripped_at(env)
-        if trip is not None:
-            kept = f"{ckpt_path} kept as it was" if os.path.exists(ckpt_path) else "no checkpoint written"
-            what = "the loss was not finite" if watch.limit == 1 else f"{watch.limit} consecutive steps overflowed"
-            raise NonFiniteLoss(f"{what} at step {trip} (epoch {(trip - 1) // steps_per_epoch + 1}); stopped "
-                                f"without saving ({kept}). Try a lower --lr, --grad-clip or --amp bf16.")
-
-    def save(epoch, epoch_step):
-        """Collective (gathers every rank's RNG state and sums); rank 0 writes last.pt atomically."""
-        check_finite()
-        state = {"args": vars(args), "epoch": epoch, "epoch_step": epoch_step, "step": step,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "ema": ema.state_dict() if ema else None, "best_top1": best_top1, "history": history,
-                 "ranks": utils.gather_objects({"rng": utils.rng_state(env.device), "loss_sum": loss_sum.item(),
-                                                "skipped": watch.skipped.item()}, env)}
-        try:
-            write_on_main(env, utils.save_atomic, state, ckpt_path)
-        except utils.DiskFull as e:
-            kept = f"{ckpt_path} is kept as it was" if os.path.exists(ckpt_path) else "no checkpoint written yet"
-            raise utils.DiskFull(f"{e} ({kept})") from None
-
-    # ---------------------------------------------------------------- loop
-    epochs_run = 0
-    for epoch in range(start_epoch, args.epochs):
-        if args.run_epochs and epochs_run == args.run_epochs:
-            log(env, f"ran {epochs_run} epoch(s) as asked (--run-epochs); continue with --resume auto")
-            return 0
-        first_step = start_step if epoch == start_epoch else 0
-        if first_step == 0:
-            loss_sum.zero_()
-            watch.skipped.zero_()
-        train_sampler.set_epoch(epoch, skip=first_step * global_batch)
-        train_model.train()
-        batches = iter(train_loader)
-        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=not (env.main and interactive), dynamic_ncols=True)
-        start_time = interval_start = time.time()
-        interval_loss, interval_steps = loss_sum.clone(), 0
-        data_seconds = interval_data_seconds = 0.0  # wall time spent waiting for the next batch
-        retries_before = data.read_retries(train_set, val_set)
-        for epoch_step in range(first_step, steps_per_epoch):
-            lr = lr_at(step, base_lr, warmup_steps, total_steps, args.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=env.device)
-            for micro in range(args.accum_steps):
-                wait_start = time.perf_counter()
-                images, labels = next(batches)
-                waited = time.perf_counter() - wait_start
-                data_seconds += waited
-                interval_data_seconds += waited
-                targets = labels
-                if args.mixup > 0:
-                    images, targets = data.mixup(images, labels, num_classes, random.betavariate(args.mixup, args.mixup))
-                # Gradients are all-reduced on the last micro-batch only.
-                sync = contextlib.nullcontext() if not ddp or micro == args.accum_steps - 1 else train_model.no_sync()
-                with sync:
-                    with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = train_model(images)
-                    loss = criterion(logits, targets, args.label_smoothing) / args.accum_steps
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            loss_sum += step_loss
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)  # true gradients for the overflow check and for clipping
-            if scaler.is_enabled() or args.grad_clip > 0:  # one norm serves both
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), args.grad_clip, grad_norm)
-            bad = ~torch.isfinite(grad_norm if scaler.is_enabled() else step_loss)
-            # Skips the update when fp16 gradients overflowed; deciding that costs a device sync per
-            # step unless the optimizer is fused (SGD on CUDA), RMSprop's case.
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(step)
-            watch.update(bad, step + 1)  # on the device; read at log and save time only
-            step += 1
-            interval_steps += 1
-            bar.update(1)
-
-            last = epoch_step + 1 == steps_per_epoch
-            if step % args.log_every == 0 or last:
-                check_finite()  # the one sync of the interval (reads the device counters)
-                now = time.time()
-                interval_mean = (loss_sum - interval_loss).item() / interval_steps
-                rate = interval_steps * global_batch / max(now - interval_start, 1e-9)
-                data_share = 100 * interval_data_seconds / max(now - interval_start, 1e-9)
-                bar.set_postfix(loss=f"{interval_mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", data=f"{data_share:.0f}%")
-                if not interactive:  # log files get one plain line per interval instead of a bar
-                    eta = (steps_per_epoch - epoch_step - 1) * global_batch / rate
-                    log(env, f"epoch {epoch + 1}/{args.epochs} step {epoch_step + 1}/{steps_per_epoch} "
-                             f"loss {interval_mean:.4f} lr {lr:.4g} {rate:.1f} img/s data {data_share:.0f}% "
-                             f"epoch eta {eta / 60:.1f} min")
-                interval_start, interval_loss, interval_steps = now, loss_sum.clone(), 0
-                interval_data_seconds = 0.0
-            if stop.requested():
-                save(epoch, epoch_step + 1)
-                bar.close()
-                raise Preempted(f"stopped by {stop.name} at step {step} (epoch {epoch + 1}); wrote {ckpt_path}. "
-                                f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
-            if args.save_every_steps and step % args.save_every_steps == 0 and not last:
-                save(epoch, epoch_step + 1)
-        bar.close()
-        train_seconds = time.time() - start_time
-
-        # ------------------------------------------------------------ evaluate, log, save
-        epoch_loss = utils.all_reduce(loss_sum.clone(), env).item() / (steps_per_epoch * env.world_size)
-        row = {"epoch": epoch + 1, "lr": lr_at(step - 1, base_lr, warmup_steps, total_steps, args.min_lr),
-               "train_loss": epoch_loss,
-               "images_per_sec": (steps_per_epoch - first_step) * global_batch / train_seconds,
-               "epoch_seconds": train_seconds,
-               # the slowest rank's wait holds every rank up (gradients meet in the all_reduce)
-               "data_seconds": utils.all_reduce(torch.tensor(data_seconds, dtype=torch.float64, device=env.device),
-                                                env, op=dist.ReduceOp.MAX).item()}
-        if scaler.is_enabled():
-            row["skipped_steps"] = int(utils.all_reduce(watch.skipped.clone(), env, op=dist.ReduceOp.MAX).item())
-        evaluated = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
-        if evaluated:
-            utils.broadcast_buffers(model, env)  # all ranks evaluate (and rank 0 saves) the same model
-            row.update({f"val_{k}": v for k, v in evaluate(eval_model, val_loader, env, amp_dtype, len(val_set)).items()
-                        if k != "images"})
-            if ema is not None:
-                utils.broadcast_buffers(ema.module, env)
-                row.update({f"val_ema_{k}": v for k, v in evaluate(ema.module, val_loader, env, amp_dtype,
-                                                                    len(val_set)).items() if k != "images"})
-        retries = data.read_retries(train_set, val_set) - retries_before  # this rank's train and val reads
-        retries = int(utils.all_reduce(torch.tensor(retries, device=env.device), env).item())
-        if retries:
-            row["read_retries"] = retries
-        history.append(row)
-        is_best = evaluated and row["val_top1"] > best_top1
-        if is_best:
-            best_top1 = row["val_top1"]
-        # Before saving: the save ends with a barrier, so no rank exits straight out of an all_reduce
-        # (gloo may abort a rank whose peer tears the group down at that moment).
-        stopping = stop.requested(now=True)
-        save(epoch + 1, 0)
-        write_on_main(env, utils.write_jsonl, os.path.join(output_dir, "metrics.jsonl"), history)
-        if is_best:
-            write_on_main(env, utils.copy_atomic, ckpt_path, os.path.join(output_dir, "best.pt"))
-        summary = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-        log(env, summary)
-        epochs_run += 1
-        if stopping:
-            raise Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; wrote {ckpt_path}. "
-                            f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
-    log(env, f"done: best val top-1 {best_top1:.3f}" if best_top1 >= 0 else "done")
+def evaluate_only(r, checkpoint):
+    """--evaluate: one JSON line of val figures (and the EMA's, when the checkpoint has one)."""
+    model, env = r.model, r.env
+    if env.world_size > 1 and r.args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    results = evaluate(torch.compile(model) if r.args.compile else model, r.val_loader, env, r.amp_dtype,
+                       len(r.val_set))
+    if checkpoint is not None and checkpoint.get("ema") is not None:
+        model.load_state_dict(checkpoint["ema"])
+        ema_results = evaluate(model, r.val_loader, env, r.amp_dtype, len(r.val_set))
+        results.update({f"ema_{k}": v for k, v in ema_results.items() if k != "images"})
+    log(env, json.dumps(results))
     return 0
+
+
+def restore(r, checkpoint):
+    """Rewind the Run to the checkpoint: optimizer, GradScaler, EMA, counters, metrics and every
+    rank's random streams, so that training continues with the very next batch."""
+    args, env = r.args, r.env
+    r.optimizer.load_state_dict(checkpoint["optimizer"])
+    if r.scaler.is_enabled() and not checkpoint["scaler"]:  # saved by a bf16 or fp32 run
+        log(env, "note: the checkpoint was not trained with --amp fp16; the GradScaler starts afresh")
+    else:
+        r.scaler.load_state_dict(checkpoint["scaler"])
+    if r.ema is not None:
+        if checkpoint["ema"] is None:
+            raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
+        r.ema.load_state_dict(checkpoint["ema"])
+    r.start_epoch, r.start_step, r.step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
+    r.best_top1, r.history = checkpoint["best_top1"], checkpoint["history"]
+    ranks, then = checkpoint["ranks"], checkpoint["args"]  # ranks: per-rank RNG streams and running sums
+    global_then = then["batch_size"] * len(ranks) * then["accum_steps"]
+    if global_then != r.global_batch:
+        per_step = args.batch_size * env.world_size
+        keep = (f"pass --accum-steps {global_then // per_step}" if global_then % per_step == 0 else
+                f"choose --batch-size and --accum-steps with batch x {env.world_size} x accumulation = {global_then}")
+        raise UsageError(f"the checkpoint's global batch is {global_then} ({then['batch_size']} x {len(ranks)} "
+                         f"process(es) x {then['accum_steps']} accumulation), this run's {r.global_batch} "
+                         f"({args.batch_size} x {env.world_size} x {args.accum_steps}); the schedule and the "
+                         f"sample order need the same: {keep} (or start anew from it with --weights)")
+    if len(ranks) == env.world_size:
+        restore_rng(env, ranks[env.rank]["rng"])
+        r.loss_sum.fill_(ranks[env.rank]["loss_sum"])
+        r.watch.skipped.fill_(ranks[env.rank]["skipped"])
+    else:
+        # The sampler skips what all ranks consumed together, so the epoch goes on with exactly the
+        # samples not yet seen. Random streams cannot pass one to one: ranks beyond the old count keep
+        # their fresh seed. The epoch's loss is a mean over ranks: the old ranks' sum is rescaled.
+        if env.rank < len(ranks):
+            restore_rng(env, ranks[env.rank]["rng"])
+        if env.main:
+            r.loss_sum.fill_(sum(rank["loss_sum"] for rank in ranks) * env.world_size / len(ranks))
+            r.watch.skipped.fill_(max(rank["skipped"] for rank in ranks))
+    if (len(ranks), then["batch_size"], then["accum_steps"]) != (env.world_size, args.batch_size, args.accum_steps):
+        left = len(r.train_set) - r.start_step * r.global_batch if r.start_step else len(r.train_set)
+        log(env, f"resuming on {env.world_size} process(es) x {args.batch_size} x {args.accum_steps} accumulation "
+                 f"(the checkpoint: {len(ranks)} x {then['batch_size']} x {then['accum_steps']}), the same global "
+                 f"batch {r.global_batch}: epoch {r.start_epoch + 1} continues with the {left} images not yet seen; "
+                 f"schedule and step count go on, but not bit for bit as it would have")
+    changed = {k: (v, getattr(args, k)) for k, v in then.items()
+               if k in ("lr", "epochs", "warmup_epochs", "opt", "weight_decay", "mixup", "label_smoothing")
+               and getattr(args, k) != v}
+    if changed:
+        log(env, "note: the command line changes " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+
+
+def start(r, lock):
+    """Write args.json and the metrics so far, say what runs, and start listening for stop signals."""
+    args, env = r.args, r.env
+    r.lock = lock
+    write_on_main(env, utils.write_json, os.path.join(r.output_dir, "args.json"), vars(args))
+    write_on_main(env, utils.write_jsonl, os.path.join(r.output_dir, "metrics.jsonl"), r.history)
+    log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in r.model.parameters()):,} parameters, "
+             f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {r.num_classes} classes, "
+             f"{env.world_size} process(es) on {env.device.type}, amp {r.amp_dtype or 'off'}, "
+             f"{'channels_last' if r.channels_last else 'NCHW'}{', lean activations' if r.lean and not args.compile else ''}"
+             f"{', deterministic' if args.deterministic else ''}")
+    log(env, f"global batch {r.global_batch} = {args.batch_size} x {env.world_size} process(es) x "
+             f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {r.base_lr:.6g}; "
+             f"{r.steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {r.warmup_steps} steps; "
+             f"{args.workers} loader worker(s) per process, decode on {args.decode}; output {r.output_dir}")
+    r.interactive = sys.stderr.isatty()
+    r.stop = utils.StopSignal(env, max_interval=args.log_every)  # checked without waiting, at most a log interval apart
+    r.tensorboard = utils.TensorBoard(os.path.join(r.output_dir, "tensorboard")) if args.tensorboard and env.main else None
+
+
+def train_one_epoch(r, epoch):
+    """Train the steps of `epoch` that are left; -> the epoch's row of training figures."""
+    args, env = r.args, r.env
+    first_step = r.start_step if epoch == r.start_epoch else 0
+    if first_step == 0:
+        r.loss_sum.zero_()
+        r.watch.skipped.zero_()
+    r.train_sampler.set_epoch(epoch, skip=first_step * r.global_batch)
+    r.train_model.train()
+    batches = iter(r.train_loader)
+    bar = tqdm(total=r.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=not (env.main and r.interactive), dynamic_ncols=True)
+    start_time = interval_start = time.time()
+    interval_loss, interval_steps = r.loss_sum.clone(), 0
+    data_seconds = interval_data_seconds = 0.0  # wall time spent waiting for the next batch
+    for epoch_step in range(first_step, r.steps_per_epoch):
+        lr = lr_at(r.step, r.base_lr, r.warmup_steps, r.total_steps, args.min_lr)
+        for group in r.optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=env.device)
+        for micro in range(args.accum_steps):
+            wait_start = time.perf_counter()
+            images, labels = next(batches)
+            waited = time.perf_counter() - wait_start
+            data_seconds += waited
+            interval_data_seconds += waited
+            targets = labels
+            if args.mixup > 0:
+                images, targets = data.mixup(images, labels, r.num_classes, random.betavariate(args.mixup, args.mixup))
+            # Gradients are all-reduced on the last micro-batch only.
+            sync = contextlib.nullcontext() if not r.ddp or micro == args.accum_steps - 1 else r.train_model.no_sync()
+            with sync:
+                with torch.autocast(env.device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
+                    logits = r.train_model(images)
+                loss = criterion(logits, targets, args.label_smoothing) / args.accum_steps
+                r.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        r.loss_sum += step_loss
+        optimizer_step(r, step_loss)
+        r.step += 1
+        interval_steps += 1
+        bar.update(1)
+
+        last = epoch_step + 1 == r.steps_per_epoch
+        if r.step % args.log_every == 0 or last:
+            check_finite(r)  # the one sync of the interval (reads the device counters)
+            now = time.time()
+            interval_mean = (r.loss_sum - interval_loss).item() / interval_steps
+            rate = interval_steps * r.global_batch / max(now - interval_start, 1e-9)
+            data_share = 100 * interval_data_seconds / max(now - interval_start, 1e-9)
+            bar.set_postfix(loss=f"{interval_mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", data=f"{data_share:.0f}%")
+            if not r.interactive:  # log files get one plain line per interval instead of a bar
+                eta = (r.steps_per_epoch - epoch_step - 1) * r.global_batch / rate
+                log(env, f"epoch {epoch + 1}/{args.epochs} step {epoch_step + 1}/{r.steps_per_epoch} "
+                         f"loss {interval_mean:.4f} lr {lr:.4g} {rate:.1f} img/s data {data_share:.0f}% "
+                         f"epoch eta {eta / 60:.1f} min")
+            if r.tensorboard:
+                r.tensorboard.add("train", {"loss": interval_mean, "lr": lr, "images_per_sec": rate,
+                                            "data_percent": data_share}, r.step)
+            interval_start, interval_loss, interval_steps = now, r.loss_sum.clone(), 0
+            interval_data_seconds = 0.0
+        if r.stop.requested():
+            save(r, epoch, epoch_step + 1)
+            bar.close()
+            raise Preempted(f"stopped by {r.stop.name} at step {r.step} (epoch {epoch + 1}); wrote {r.ckpt_path}. "
+                            f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
+        if args.save_every_steps and r.step % args.save_every_steps == 0 and not last:
+            save(r, epoch, epoch_step + 1)
+    bar.close()
+    train_seconds = time.time() - start_time
+
+    row = {"epoch": epoch + 1, "lr": lr_at(r.step - 1, r.base_lr, r.warmup_steps, r.total_steps, args.min_lr),
+           "train_loss": utils.all_reduce(r.loss_sum.clone(), env).item() / (r.steps_per_epoch * env.world_size),
+           "images_per_sec": (r.steps_per_epoch - first_step) * r.global_batch / train_seconds,
+           "epoch_seconds": train_seconds,
+           # the slowest rank's wait holds every rank up (gradients meet in the all_reduce)
+           "data_seconds": utils.all_reduce(torch.tensor(data_seconds, dtype=torch.float64, device=env.device),
+                                            env, op=dist.ReduceOp.MAX).item()}
+    if r.scaler.is_enabled():
+        row["skipped_steps"] = int(utils.all_reduce(r.watch.skipped.clone(), env, op=dist.ReduceOp.MAX).item())
+    return row
+
+
+def optimizer_step(r, step_loss):
+    """Unscale (fp16), clip, step, EMA; non-finite steps are counted on the device, without a sync."""
+    args, model = r.args, r.model
+    if r.scaler.is_enabled():
+        r.scaler.unscale_(r.optimizer)  # true gradients for the overflow check and for clipping
+    if r.scaler.is_enabled() or args.grad_clip > 0:  # one norm serves both
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), args.grad_clip, grad_norm)
+    bad = ~torch.isfinite(grad_norm if r.scaler.is_enabled() else step_loss)
+    # Skips the update when fp16 gradients overflowed; deciding that costs a device sync per
+    # step unless the optimizer is fused (SGD on CUDA), RMSprop's case.
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.optimizer.zero_grad(set_to_none=True)
+    if r.ema is not None:
+        r.ema.update(r.step)
+    r.watch.update(bad, r.step + 1)  # on the device; read at log and save time only
+
+
+def evaluate_and_save(r, epoch, row):
+    """Evaluate (every --eval-every epochs), add the row to metrics.jsonl, write last.pt (and
+    best.pt), and stop here if a stop signal came during the epoch."""
+    args, env = r.args, r.env
+    evaluated = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
+    if evaluated:
+        utils.broadcast_buffers(r.model, env)  # all ranks evaluate (and rank 0 saves) the same model
+        row.update({f"val_{k}": v for k, v in evaluate(r.eval_model, r.val_loader, env, r.amp_dtype,
+                                                          len(r.val_set)).items() if k != "images"})
+        if r.ema is not None:
+            utils.broadcast_buffers(r.ema.module, env)
+            row.update({f"val_ema_{k}": v for k, v in evaluate(r.ema.module, r.val_loader, env, r.amp_dtype,
+                                                                len(r.val_set)).items() if k != "images"})
+    reads = data.read_retries(r.train_set, r.val_set)  # this rank's train and val reads
+    retries = int(utils.all_reduce(torch.tensor(reads - r.read_retries_seen, device=env.device), env).item())
+    r.read_retries_seen = reads
+    if retries:
+        row["read_retries"] = retries
+    r.history.append(row)
+    is_best = evaluated and row["val_top1"] > r.best_top1
+    if is_best:
+        r.best_top1 = row["val_top1"]
+    # Before saving: the save ends with a barrier, so no rank exits straight out of an all_reduce
+    # (gloo may abort a rank whose peer tears the group down at that moment).
+    stopping = r.stop.requested(now=True)
+    save(r, epoch + 1, 0)
+    write_on_main(env, utils.write_jsonl, os.path.join(r.output_dir, "metrics.jsonl"), r.history)
+    if is_best:
+        write_on_main(env, utils.copy_atomic, r.ckpt_path, os.path.join(r.output_dir, "best.pt"))
+    if r.tensorboard:
+        r.tensorboard.add("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+    log(env, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if stopping:
+        raise Preempted(f"stopped by {r.stop.name} after epoch {epoch + 1}; wrote {r.ckpt_path}. "
+                        f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
+
+
+def check_finite(r):
+    """Collective, syncs: stop when a non-finite loss (fp16: too many skipped steps) was seen."""
+    trip = r.watch.tripped_at(r.env)
+    if trip is not None:
+        kept = f"{r.ckpt_path} kept as it was" if os.path.exists(r.ckpt_path) else "no checkpoint written"
+        what = "the loss was not finite" if r.watch.limit == 1 else f"{r.watch.limit} consecutive steps overflowed"
+        raise NonFiniteLoss(f"{what} at step {trip} (epoch {(trip - 1) // r.steps_per_epoch + 1}); stopped "
+                            f"without saving ({kept}). Try a lower --lr, --grad-clip or --amp bf16.")
+
+
+def save(r, epoch, epoch_step):
+    """Collective (gathers every rank's RNG state and sums); rank 0 writes last.pt atomically."""
+    check_finite(r)
+    state = {"args": vars(r.args), "epoch": epoch, "epoch_step": epoch_step, "step": r.step,
+             "model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
+             "ema": r.ema.state_dict() if r.ema else None, "best_top1": r.best_top1, "history": r.history,
+             "ranks": utils.gather_objects({"rng": utils.rng_state(r.env.device), "loss_sum": r.loss_sum.item(),
+                                            "skipped": r.watch.skipped.item()}, r.env)}
+    try:
+        write_on_main(r.env, utils.save_atomic, state, r.ckpt_path)
+    except utils.DiskFull as e:
+        kept = f"{r.ckpt_path} is kept as it was" if os.path.exists(r.ckpt_path) else "no checkpoint written yet"
+        raise utils.DiskFull(f"{e} ({kept})") from None
 
 
 if __name__ == "__main__":

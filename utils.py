@@ -491,14 +491,10 @@ class EMA:
 
 class TensorBoard:
     """`--tensorboard`: the interval and epoch figures as scalars in OUTPUT_DIR/tensorboard, for
-    rank 0 to write. The package is optional; without it the flag is a usage error at start."""
+    rank 0 to write. Needs the optional tensorboard package (train.py checks for it at start)."""
 
     def __init__(self, folder):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard), "
-                             "or leave the flag out") from None
+        from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(folder)
 
     def add(self, group, figures, step):

@@ -413,3 +413,37 @@ def test_evaluate_flags_reproduce_timms_eval_pipeline(tiny_data, capsys, tmp_pat
     assert ours["top1"] == pytest.approx(100 * hits[:, 0].float().mean().item())
     assert ours["top5"] == pytest.approx(100 * hits.any(1).float().mean().item())
     assert ours["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_tensorboard_gets_the_interval_and_epoch_figures(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    result = run_train(["--data", tiny_data, *TINY, "--epochs", "2", "--warmup-epochs", "1", "--workers", "0",
+                        "--output-dir", out, "--tensorboard"])
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(out)
+    for name in ("val_top1", "val_top5", "val_loss", "train_loss", "lr", "images_per_sec", "data_seconds"):
+        scalars = events.Scalars(f"epoch/{name}")
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([row[name] for row in rows], rel=1e-6)
+    steps = 2 * 24 // 4  # 2 epochs of 24 images in batches of 4, logged at every step (--log-every 1)
+    for name in ("loss", "lr", "images_per_sec", "data_percent"):
+        assert [s.step for s in events.Scalars(f"train/{name}")] == list(range(1, steps + 1))
+    assert sorted(os.listdir(out / "tensorboard"))[0].startswith("events.out.tfevents")
+
+
+def test_tensorboard_without_the_package_is_refused_at_start(tiny_data, tmp_path):
+    shadow = tmp_path / "shadow" / "tensorboard"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no tensorboard here')\n")
+    cmd = [sys.executable, TRAIN, "--data", tiny_data, *TINY, "--epochs", "1", "--output-dir", tmp_path / "run",
+           "--tensorboard"]
+    result = subprocess.run([str(a) for a in cmd], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=f"{shadow.parent}{os.pathsep}{ROOT}"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --tensorboard needs the tensorboard package: pip install tensorboard "
+                                     "(or leave the flag out)")
+    assert not os.path.exists(tmp_path / "run")
