@@ -371,7 +371,16 @@ def main(argv=None):
 
 class Run:
     """The state that the phases of a training run share, one plain object: `build` fills it,
-    `restore` rewinds it to a checkpoint, `train_one_epoch` and `evaluate_and_save` move it on."""
+    `restore` rewinds it to a checkpoint, `start` opens the run, `train_one_epoch` and
+    `evaluate_and_save` move it on. It holds
+    - set-up: args, env, amp_dtype, channels_last, lean, output_dir, ckpt_path;
+    - data: train_set, val_set, num_classes, train_sampler, train_loader, val_loader;
+    - model: model (unwrapped: what is saved), train_model (DDP / compiled), eval_model, ddp,
+      optimizer, scaler, ema;
+    - schedule: global_batch, steps_per_epoch, total_steps, warmup_steps, base_lr;
+    - where the run stands: start_epoch, start_step, step, best_top1, history, loss_sum, watch,
+      read_retries_seen;
+    - from `start`: lock, stop, interactive, tensorboard."""
 
     def __init__(self, **fields):
         self.__dict__.update(fields)
@@ -385,7 +394,7 @@ def run(args, env):
     if checkpoint is not None and checkpoint["epoch"] >= args.epochs and not args.evaluate:
         log(env, f"the run in {output_dir} already finished its {args.epochs} epochs; nothing to do")
         return 0
-    lock = None if args.evaluate else take_run_dir(output_dir, env)  # held until the process exits
+    lock = None if args.evaluate else take_run_dir(output_dir, env)  # held while the run lasts
     r = build(args, env, amp_dtype, cuda, output_dir, checkpoint)
     if args.evaluate:
         return evaluate_only(r, checkpoint)
@@ -597,7 +606,8 @@ def restore(r, checkpoint):
 
 
 def start(r, lock):
-    """Write args.json and the metrics so far, say what runs, and start listening for stop signals."""
+    """Keep the run folder's lock, write args.json and the metrics so far, say what runs, and start
+    listening for stop signals."""
     args, env = r.args, r.env
     r.lock = lock
     write_on_main(env, utils.write_json, os.path.join(r.output_dir, "args.json"), vars(args))
