@@ -316,8 +316,9 @@ def test_corrupt_image_during_training_names_the_file(tiny_data, tmp_path):
 
 def test_demo_data_is_learned(tmp_path):
     # 288 steps of 32 images at 32 px, the recipe's optimizer and learning rate (0.08 per 4096), a
-    # third of it warmup (the README's demo: 640 steps, 68 %). Runs this short end in a wide range,
-    # so the bar is twice chance (10 classes), which 500 val images put 8 standard errors above it.
+    # third of it warmup (the README's demo: 960 steps, 86-96 %). The loss starts near ln 10 = 2.3
+    # (the classifier's initial scale keeps few classes unconfident), rises a little in the warmup,
+    # then falls; the bar is 2.5x chance (10 classes), 500 val images put it 10 standard errors above.
     out = tmp_path / "demo"
     result = run_train(["--data", "demo", "--image-size", "32", "--val-resize", "32", "--batch-size", "32",
                         "--min-crop-scale", "0.35", "--epochs", "6", "--warmup-epochs", "2",
@@ -325,8 +326,9 @@ def test_demo_data_is_learned(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = read_metrics(out)
     losses = [r["train_loss"] for r in rows]
-    assert losses[-1] < 0.5 * losses[0] and losses[-1] == min(losses)
-    assert rows[-1]["val_top1"] >= 20.0  # this run: 28.4 on the dev machine
+    assert losses[0] < 2.6  # not the 5.5 of a classifier initialised for 10 classes by TF's rule
+    assert losses[-1] < 0.85 * losses[0] and losses[-1] == min(losses)  # this run: 2.35 -> 1.83
+    assert rows[-1]["val_top1"] >= 25.0  # this run: 39.8 on the dev machine
 
 
 # ------------------------------------------------------------------------ public weights (issue 12)
