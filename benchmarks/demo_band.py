@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The README's quick-start demo, less --seed and --output-dir (added per run).
 DEMO = ["--data", "demo", "--image-size", "32", "--val-resize", "32", "--batch-size", "32",
-        "--min-crop-scale", "0.35", "--epochs", "8", "--warmup-epochs", "3", "--workers", "2"]
+        "--min-crop-scale", "0.35", "--epochs", "12", "--warmup-epochs", "3", "--workers", "2"]
 
 
 def run_one(seed, threads, out_root, extra):
