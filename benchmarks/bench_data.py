@@ -7,8 +7,8 @@ the worker's share of `--decode gpu` (read the bytes, parse the header, draw the
     python benchmarks/bench_data.py                    # writes 256 photo-like ImageNet-sized JPEGs
     python benchmarks/bench_data.py --data /imagenet/val --images 2000
 
-What a worker does is timed whole: __getitem__ for every image, then default_collate of batches
-(float32 batches for the textbook pipeline, uint8 for this one). Pipelines alternate A/B over
+What a worker does is timed whole: __getitem__ for every image, then the collation of batches (default_collate; data.collate for this repo)
+(float32 batches for the textbook pipeline, uint8 or encoded ones for this one). Pipelines alternate A/B over
 several rounds in one process with one thread; the table shows the median round.
 """
 import argparse
