@@ -359,8 +359,9 @@ def main(argv=None):
         if env.world_size == 1 or not utils.is_peer_failure(e):
             raise
         # Every rank that gets here says so: the one still running may not be rank 0.
-        what = (f"waited {timeout} for another process, which is stopped, hung or unreachable"
-                if "timed out" in str(e).lower() else "lost another process, which crashed or whose host went down")
+        waited = any(word in str(e).lower() for word in ("timed out", "timeout"))
+        what = (f"waited {timeout} for another process, which is stopped, hung or unreachable" if waited
+                else "lost another process, which crashed or whose host went down")
         print(f"error: rank {env.rank} {what} ({utils.first_line(e)}); nothing was saved after the last "
               f"checkpoint: rerun with --resume auto (exit code {EXIT_PEER_LOST})", file=sys.stderr)
         return EXIT_PEER_LOST

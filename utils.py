@@ -108,7 +108,8 @@ def is_peer_failure(error):
     """Whether `error` (raised by a collective or by set-up) means that another process of the
     group stopped answering or went away, rather than a bug of this one."""
     text = str(error)
-    return isinstance(error, dist.DistError) or "gloo/transport" in text or "Gloo connectFullMesh" in text
+    return (isinstance(error, dist.DistError) or "gloo/transport" in text or "Gloo connectFullMesh" in text
+            or "timeout caused pair closure" in text)  # gloo, when the timeout hits inside DDP's backward
 
 
 def first_line(error):

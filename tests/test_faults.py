@@ -47,8 +47,9 @@ def test_a_stopped_rank_ends_the_run_after_dist_timeout_with_one_line(data_root,
     assert process.returncode != 0
     lines = [line for line in err.splitlines() if line.startswith("error: rank 0")]
     assert len(lines) == 1, err
-    assert lines[0].startswith("error: rank 0 waited --dist-timeout 4 s for another process, which is stopped, "
-                               "hung or unreachable (Timed out waiting 4000ms"), lines[0]
+    # gloo words it by where the wait was: a collective of the loop, or DDP's all-reduce in backward
+    assert re.match(r"error: rank 0 waited --dist-timeout 4 s for another process, which is stopped, hung or "
+                    r"unreachable \((Timed out waiting 4000ms|Application timeout caused pair closure)", lines[0]), lines[0]
     assert lines[0].endswith("nothing was saved after the last checkpoint: rerun with --resume auto (exit code 4)")
     assert "exitcode  : 4" in err and 'train.py", line' not in err  # rank 0 left no traceback
     assert not (out / "last.pt").exists()
