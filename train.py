@@ -542,9 +542,7 @@ def load_weights(model, args, env):
 
 def evaluate_only(r, checkpoint):
     """--evaluate: one JSON line of val figures (and the EMA's, when the checkpoint has one)."""
-    model, env = r.model, r.env
-    if env.world_size > 1 and r.args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model, env = r.model, r.env  # (--sync-bn changes nothing here: eval mode uses the running statistics)
     results = evaluate(torch.compile(model) if r.args.compile else model, r.val_loader, env, r.amp_dtype,
                        len(r.val_set))
     if checkpoint is not None and checkpoint.get("ema") is not None:

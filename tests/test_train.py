@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -11,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from PIL import Image
 
 import efficientnet
 import train
@@ -40,6 +38,21 @@ def last_json(stdout):
 def read_metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def assert_evaluates_like(ours, reference, folder, transform):
+    """train.py --evaluate's JSON `ours` equals `reference` run on `folder` through `transform`
+    (torchvision's ImageFolder): the image count, top-1, top-5 and mean loss."""
+    dataset = torchvision.datasets.ImageFolder(folder, transform)
+    images = torch.stack([x for x, _ in dataset])
+    labels = torch.tensor([y for _, y in dataset])
+    with torch.no_grad():
+        logits = reference(images)
+    hits = logits.topk(5, 1).indices == labels[:, None]
+    assert ours["images"] == len(dataset) == 9
+    assert ours["top1"] == pytest.approx(100 * hits[:, 0].float().mean().item())
+    assert ours["top5"] == pytest.approx(100 * hits.any(1).float().mean().item())
+    assert ours["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -197,16 +210,7 @@ def test_torchvision_weights_evaluate_like_torchvision(tiny_data, tmp_path):
     # torchvision's own pipeline on the same files: Resize(36) + CenterCrop(32), bicubic, normalise.
     tf = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    dataset = torchvision.datasets.ImageFolder(os.path.join(tiny_data, "val"), tf)
-    images = torch.stack([x for x, _ in dataset])
-    labels = torch.tensor([y for _, y in dataset])
-    with torch.no_grad():
-        logits = reference(images)
-    top5 = logits.topk(5, 1).indices == labels[:, None]
-    assert ours["images"] == len(dataset) == 9
-    assert ours["top1"] == pytest.approx(100 * top5[:, 0].float().mean().item())
-    assert ours["top5"] == pytest.approx(100 * top5.any(1).float().mean().item())
-    assert ours["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert_evaluates_like(ours, reference, os.path.join(tiny_data, "val"), tf)
 
 
 # --------------------------------------------------------------------------------- bad input
@@ -405,16 +409,7 @@ def test_evaluate_flags_reproduce_timms_eval_pipeline(tiny_data, capsys, tmp_pat
     assert train.main([str(a) for a in args]) == 0
     ours = last_json(capsys.readouterr().out)
     transform = create_transform(size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
-    dataset = torchvision.datasets.ImageFolder(os.path.join(tiny_data, "val"), transform)
-    images = torch.stack([x for x, _ in dataset])
-    labels = torch.tensor([y for _, y in dataset])
-    with torch.no_grad():
-        logits = reference(images)
-    hits = logits.topk(5, 1).indices == labels[:, None]
-    assert ours["images"] == len(dataset) == 9
-    assert ours["top1"] == pytest.approx(100 * hits[:, 0].float().mean().item())
-    assert ours["top5"] == pytest.approx(100 * hits.any(1).float().mean().item())
-    assert ours["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert_evaluates_like(ours, reference, os.path.join(tiny_data, "val"), transform)
 
 
 def test_tensorboard_gets_the_interval_and_epoch_figures(tiny_data, tmp_path):
