@@ -162,11 +162,6 @@ def data_parallel(model, env):
                gradient_as_bucket_view=True, **no_buffer_sync)
 
 
-def barrier(env):
-    if env.world_size > 1:
-        dist.barrier()
-
-
 # ---------------------------------------------------------------------------------------------
 # Random state: every generator a run draws from, per rank
 
@@ -505,5 +500,3 @@ class TensorBoard:
                 self.writer.add_scalar(f"{group}/{name}", value, step)
         self.writer.flush()
 
-    def close(self):
-        self.writer.close()
