@@ -44,6 +44,7 @@ DEMO_CLASSES = ("disc", "ring", "square", "frame", "triangle", "cross",
                 "horizontal", "vertical", "diagonal", "checker")
 DEMO_SIZES = {"train": 2560, "val": 500}
 SYNTHETIC_SIZES = {"train": 1_281_167, "val": 50_000}  # ImageNet-1k, so epochs last as long
+BUILT_IN = ("demo", "synthetic")  # --data names of the data sets made in memory
 
 
 class DataError(Exception):
@@ -436,13 +437,6 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
     """(train, val) datasets for DATA, 'demo' or 'synthetic'; train is None without `with_train`
     (evaluation only: DATA/train need not exist). Train and val must have the same classes.
     decode="gpu": the train set yields EncodedSamples for DeviceLoader to decode (DATA only)."""
-    if decode == "gpu" and data in ("demo", "synthetic"):
-        raise DataError(f"--decode gpu decodes image files, and --data {data} has none; use --decode cpu")
-    if decode == "gpu" and autoaugment:
-        # AutoAugment works on one uint8 image at a time; on the GPU that is a chain of small
-        # kernels per image, launched by the training process itself and so taken from the step.
-        raise DataError("--autoaugment runs in the loader workers on decoded pixels, which --decode gpu does "
-                        "not make; use --decode cpu with --autoaugment")
     if data == "synthetic":
         return Synthetic("train", image_size, seed) if with_train else None, Synthetic("val", image_size, seed)
     train_tf = EncodedTrainTransform(image_size, min_crop_scale) if decode == "gpu" else \
@@ -519,8 +513,9 @@ class ShardSampler(torch.utils.data.Sampler):
 def _worker_init(worker_id):
     # Preemption signals are the main process's business (train.py): SLURM signals every process
     # of a job step, and a worker killed by SIGTERM would crash the run before it can checkpoint.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group: the main process stops the run, workers stay quiet.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
     torch.set_num_threads(1)
 

@@ -2,25 +2,32 @@
 
     torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet        # NVIDIA's B0 recipe
     python train.py --data demo --image-size 64 --epochs 8 ...             # CPU demo, no ImageNet
+    python train.py --evaluate --resume runs/x/best.pt                     # with the run's own settings
     python train.py --evaluate --weights efficientnet_b0.pth --data /imagenet
     python train.py --data my_classes --weights efficientnet_b0.pth --epochs 30 ...   # fine-tune
 
-Exit codes: 0 finished (or --run-epochs done), 2 usage error (one line, no traceback),
-3 non-finite loss (nothing saved after it), 4 another process hung or died (--dist-timeout;
-rerun with --resume auto), 5 disk full (the previous last.pt kept), 75 preempted by
-SIGTERM/SIGUSR1 (last.pt written: requeue with --resume auto). Under torchrun a worker's non-zero
-code reaches the shell as 1.
+A run's checkpoint remembers its settings: --resume and --evaluate --resume use them, and a flag
+given on the command line overrides one (said in a note); arch and class count cannot change.
+
+Exit codes: 0 finished (or --run-epochs done), 2 usage error (one line, no traceback; also a CUDA
+out-of-memory), 3 non-finite loss (nothing saved after it), 4 another process hung or died
+(--dist-timeout; rerun with --resume auto), 5 disk full (the previous last.pt kept), 75 preempted by
+SIGTERM/SIGUSR1 and 130 stopped by Ctrl-C (last.pt written: continue with --resume auto). Under
+torchrun a worker's non-zero code reaches the shell as 1.
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import importlib
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,11 +40,27 @@ import utils
 from efficientnet import SCALING, arch_config, canonical_arch, convert_state_dict, create_model, load_pretrained, member
 from utils import UsageError
 
-EXIT_USAGE, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_DISK_FULL, EXIT_PREEMPTED = 2, 3, 4, 5, 75
+EXIT_USAGE, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 4, 5, 75, 130
+
+# What a run's checkpoint remembers: every setting that shapes its model, data, schedule and
+# evaluation. --resume and --evaluate --resume take these from the checkpoint unless the command
+# line gives them; the rest (speed, logging, where files go) are this invocation's own.
+RUN_SETTINGS = ("arch", "num_classes", "image_size", "val_resize", "val_interpolation", "mean", "std", "dropout",
+                "drop_path", "bn_eps", "bn_momentum", "data", "min_crop_scale", "autoaugment", "mixup", "seed",
+                "opt", "lr", "min_lr", "warmup_epochs", "epochs", "weight_decay", "no_bn_weight_decay",
+                "batch_size", "accum_steps", "label_smoothing", "grad_clip", "ema_decay", "steps_per_epoch",
+                "weights")
+FIXED_SETTINGS = ("arch", "num_classes")  # another model: a new run (fine-tune with --weights CHECKPOINT)
+# Images per process and step that fit an 80 GB GPU in bf16 (NVIDIA trains B4 at 128 per A100-80GB).
+DEFAULT_BATCH = {"b0": 256, "b1": 256, "b2": 256, "b3": 256, "b4": 128, "b5": 64, "b6": 32, "b7": 32}
 
 
 class Preempted(Exception):
-    pass
+    """A stop signal ended the run after last.pt was written; `code` is the exit code."""
+
+    def __init__(self, message, signal_name):
+        super().__init__(message)
+        self.code = EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
 
 
 class NonFiniteLoss(Exception):
@@ -62,12 +85,12 @@ class Parser(argparse.ArgumentParser):
 
 def seconds(text):
     value = float(text)
-    if not value > 0:
+    if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
-def parse_args(argv=None):
+def build_parser():
     p = Parser(description="Train or evaluate EfficientNet on ImageNet (torchrun for several GPUs).",
                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
@@ -83,7 +106,8 @@ def parse_args(argv=None):
     g.add_argument("--weights", default=None, help="start from (or --evaluate) a state dict: this repo's, torchvision's or timm's; "
                                                    "a classifier of another class count is re-initialised (fine-tuning)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="ImageNet root (train/ and val/ class folders), 'demo' or 'synthetic'")
+    g.add_argument("--data", default=None, help="ImageNet root (train/ and val/ class folders), 'demo' or 'synthetic' "
+                                                "(default with --resume: the run's own)")
     g.add_argument("--workers", type=int, default=None,
                    help=f"loader processes per GPU/process (default: this machine's cores per local process, "
                         f"less one for the process itself: {data.default_workers()} here)")
@@ -107,7 +131,9 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=400, help="length of the schedule")
     g.add_argument("--weight-decay", type=float, default=None, help="on all parameters, BatchNorm included (default: 1e-5 for b0-b3, 5e-6 for b4-b7)")
     g.add_argument("--no-bn-weight-decay", action="store_true", help="no weight decay on BatchNorm parameters and biases (NVIDIA)")
-    g.add_argument("--batch-size", type=int, default=256, help="images per process and step")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per process and step (default: 256 for b0-b3, 128 for b4, 64 for b5, 32 for b6-b7: "
+                        "each fits an 80 GB GPU)")
     g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
@@ -126,8 +152,10 @@ def parse_args(argv=None):
                         "same GPU model and world size), at a cost in speed; CPU runs always do")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<arch>-<date-time>)")
-    g.add_argument("--resume", default=None, help="checkpoint to continue, or 'auto': the newest good one in --output-dir")
-    g.add_argument("--evaluate", action="store_true", help="only evaluate --resume or --weights on the val set")
+    g.add_argument("--resume", default=None, help="checkpoint to continue with its run's settings (flags given override them, with a note), or 'auto': "
+                        "the newest good one in --output-dir, or a new run there when it holds none")
+    g.add_argument("--evaluate", action="store_true", help="only evaluate --resume or --weights on the val set "
+                   "(a checkpoint is evaluated with its run's settings unless flags say otherwise)")
     g.add_argument("--seed", type=int, default=0, help="every rank seeds with seed + rank")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (0: never)")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress updates")
@@ -141,60 +169,220 @@ def parse_args(argv=None):
                    help="also write the interval and epoch figures for TensorBoard under OUTPUT_DIR/tensorboard "
                         "(needs the tensorboard package)")
     g.add_argument("--max-nonfinite", type=int, default=20, help="fp16: stop after this many consecutive skipped steps (bf16/fp32 stop at the first)")
-    return p.parse_args(argv)
+    return p
 
 
-def resolve_args(args):
-    """Fill the arch-dependent defaults and check every value before any work is done."""
-    try:
-        args.arch = canonical_arch(args.arch)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    scaling, large = SCALING[member(args.arch)], member(args.arch) in ("b4", "b5", "b6", "b7")
-    defaults = arch_config(args.arch)  # tf_ archs: TF's BatchNorm
-    args.bn_eps = defaults["bn_eps"] if args.bn_eps is None else args.bn_eps
-    args.bn_momentum = defaults["bn_momentum"] if args.bn_momentum is None else args.bn_momentum
-    args.image_size = args.image_size or scaling.resolution
-    args.val_resize = args.val_resize or args.image_size + 32  # NVIDIA: 224 -> 256, 380 -> 412
-    args.dropout = scaling.dropout if args.dropout is None else args.dropout
-    args.workers = data.default_workers() if args.workers is None else args.workers
-    args.lr = args.lr if args.lr is not None else (0.16 if large else 0.08)
-    args.weight_decay = args.weight_decay if args.weight_decay is not None else (5e-6 if large else 1e-5)
-    positive = ["image_size", "val_resize", "batch_size", "accum_steps", "epochs", "lr", "log_every"]
-    non_negative = ["workers", "warmup_epochs", "min_lr", "weight_decay", "mixup", "grad_clip", "eval_every",
-                    "save_every_steps", "run_epochs", "steps_per_epoch", "bn_eps", "max_nonfinite"]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in non_negative:
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ["dropout", "drop_path", "label_smoothing", "ema_decay", "bn_momentum"]:
-        if not 0 <= getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    if not all(s > 0 for s in args.std):
-        raise UsageError(f"--std must be positive, got {' '.join(map(str, args.std))}")
-    if not 0 < args.min_crop_scale <= 1:
-        raise UsageError(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def given_flags(argv=None):
+    """The settings named on the command line (whatever their value), as argparse dests."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def read_checkpoint(args, env):
+    """The checkpoint that --resume names (or, for 'auto', the newest good one in --output-dir),
+    or None. Checks here: what is needed to find and read it."""
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        checkpoint = utils.load_checkpoint(args.resume)
+        if "model" not in checkpoint or "epoch" not in checkpoint:
+            raise UsageError(f"{args.resume} is not a train.py checkpoint (bare weights go to --weights)")
+        return checkpoint
+    if not args.output_dir:
+        raise UsageError("--resume auto needs --output-dir (the run folder to continue)")
+    path, checkpoint, skipped = utils.newest_good_checkpoint(args.output_dir)
+    for problem in skipped:
+        log(env, f"warning: skipping {problem}")
+    if path:
+        log(env, f"resuming from {path}")
+    return checkpoint
+
+
+def resolve_args(args, env=None, given=(), checkpoint=None):
+    """Every setting, resolved (the run's own from `checkpoint` where the command line does not give
+    them, else the arch-dependent defaults), and every check that needs neither the data set nor
+    the checkpoint's tensors, before any work is done and before any folder is made."""
+    env = env or utils.Dist()
+    check_flag_combinations(args, checkpoint)
+    if checkpoint is not None:
+        take_run_settings(args, env, given, checkpoint)
+    fill_defaults(args, env)
+    check_values(args, list(vars(args)))
     if args.val_resize < args.image_size:
         raise UsageError(f"--val-resize {args.val_resize} is smaller than --image-size {args.image_size}")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UsageError(f"--num-classes must be positive, got {args.num_classes}")
+    if args.data is None:
+        raise UsageError("--data is needed: the ImageNet root (train/ and val/), 'demo' or 'synthetic'")
+    check_device(args, env)
+    if not args.evaluate:
+        check_output_dir(args)
+    if not args.evaluate and args.warmup_epochs >= args.epochs:
+        log(env, f"warning: the warmup ({args.warmup_epochs:g} epochs) is not shorter than the run ({args.epochs} "
+                 f"epochs): the learning rate never reaches --lr; pass a smaller --warmup-epochs")
+    return args
+
+
+def check_flag_combinations(args, checkpoint):
     if args.evaluate and not (args.resume or args.weights):
         raise UsageError("--evaluate needs --resume CHECKPOINT or --weights FILE")
-    if args.resume and args.weights:
-        raise UsageError("give --resume (continue a run) or --weights (start from weights), not both")
-    if args.resume == "auto" and not args.output_dir:
-        raise UsageError("--resume auto needs --output-dir (the run folder to continue)")
+    if args.resume and args.weights and (args.resume != "auto" or args.evaluate):
+        raise UsageError("give --resume CHECKPOINT (continue a run) or --weights (start from weights), not both; "
+                         "--resume auto --weights starts from the weights only when the folder holds no run")
+    if args.evaluate and args.resume == "auto" and checkpoint is None:
+        raise UsageError(f"--resume auto found no checkpoint in {args.output_dir} to evaluate")
+    if args.weights and not os.path.isfile(args.weights) and checkpoint is None:
+        raise UsageError(f"--weights file {args.weights} does not exist")
     if args.tensorboard:
         try:
             importlib.import_module("torch.utils.tensorboard")  # optional: fails without the tensorboard package
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or leave the flag out)") from None
-    if args.weights and not os.path.isfile(args.weights):
-        raise UsageError(f"--weights file {args.weights} does not exist")
-    return args
+    if args.decode == "gpu" and not args.evaluate and args.data in data.BUILT_IN:
+        raise UsageError(f"--decode gpu decodes image files, and --data {args.data} has none; use --decode cpu")
+    if args.decode == "gpu" and not args.evaluate and args.autoaugment:
+        # AutoAugment works on one uint8 image at a time; on the GPU that is a chain of small
+        # kernels per image, launched by the training process itself and so taken from the step.
+        raise UsageError("--autoaugment runs in the loader workers on decoded pixels, which --decode gpu does "
+                         "not make; use --decode cpu with --autoaugment")
+
+
+POSITIVE = ("image_size", "val_resize", "batch_size", "accum_steps", "epochs", "lr", "log_every", "num_classes")
+NON_NEGATIVE = ("workers", "warmup_epochs", "min_lr", "weight_decay", "mixup", "grad_clip", "eval_every",
+                "save_every_steps", "run_epochs", "steps_per_epoch", "bn_eps", "max_nonfinite")
+FRACTIONS = ("dropout", "drop_path", "label_smoothing", "ema_decay", "bn_momentum")
+
+
+def check_values(args, names):
+    """Each named setting that is set must be finite and in its range."""
+    for name in names:
+        value = getattr(args, name)
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        values = value if isinstance(value, list) else [value]
+        shown = " ".join(map(str, values))
+        if not all(math.isfinite(v) for v in values):
+            raise UsageError(f"{flag(name)} must be a finite number, got {shown}")
+        if name in POSITIVE and not value > 0:
+            raise UsageError(f"{flag(name)} must be positive, got {shown}")
+        if name in NON_NEGATIVE and value < 0:
+            raise UsageError(f"{flag(name)} must not be negative, got {shown}")
+        if name in FRACTIONS and not 0 <= value < 1:
+            raise UsageError(f"{flag(name)} must be in [0, 1), got {shown}")
+        if name == "std" and not all(v > 0 for v in values):
+            raise UsageError(f"--std must be positive, got {shown}")
+        if name == "min_crop_scale" and not 0 < value <= 1:
+            raise UsageError(f"--min-crop-scale must be in (0, 1], got {shown}")
+
+
+def take_run_settings(args, env, given, checkpoint):
+    """The checkpoint's settings where the command line gives none; the ones it gives are kept and
+    listed in one note. Checks here: those that need the checkpoint's settings."""
+    stored = checkpoint["args"]
+    try:
+        args.arch = canonical_arch(args.arch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for name in FIXED_SETTINGS:
+        if name in given and getattr(args, name) != stored[name]:
+            if name == "arch":
+                raise UsageError(f"checkpoint is for {stored['arch']}, not {args.arch}: leave --arch out "
+                                 f"(or pass --arch {stored['arch']})")
+            raise UsageError(f"the checkpoint's model has {stored['num_classes']} classes, not --num-classes "
+                             f"{args.num_classes}: fine-tune from it with --weights CHECKPOINT (a new run)")
+    if "weights" in given:  # the requeue of a fine-tune repeats its command
+        log(env, f"note: --weights {args.weights} is not loaded: the run continues from its checkpoint "
+                 f"(it started from {stored['weights'] or 'random weights'})")
+        given = given - {"weights"}
+    changed = []
+    for name in RUN_SETTINGS:
+        if name in given:
+            if getattr(args, name) != stored[name]:
+                changed.append(f"{flag(name)} {stored[name]} -> {getattr(args, name)}")
+        elif name == "val_resize" and "image_size" in given:
+            args.val_resize = None  # follows the new image size (default: + 32)
+        else:
+            setattr(args, name, stored[name])
+    if changed:
+        log(env, f"note: the command line changes the run's {', '.join(changed)}; its other settings are "
+                 f"the checkpoint's")
+    if args.ema_decay > 0 and checkpoint["ema"] is None:
+        raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
+    ranks, per_step = len(checkpoint["ranks"]), args.batch_size * env.world_size
+    then, now = global_batch(stored["batch_size"], ranks, stored["accum_steps"]), per_step * args.accum_steps
+    if then != now:
+        keep = (f"pass --accum-steps {then // per_step}" if then % per_step == 0 else
+                f"choose --batch-size and --accum-steps with batch x {env.world_size} x accumulation = {then}")
+        raise UsageError(f"the checkpoint's global batch is {then} ({stored['batch_size']} x {ranks} process(es) x "
+                         f"{stored['accum_steps']} accumulation), this run's {now} ({args.batch_size} x "
+                         f"{env.world_size} x {args.accum_steps}); the schedule and the sample order need the same: "
+                         f"{keep} (or start anew from it with --weights)")
+
+
+def fill_defaults(args, env):
+    """The arch- and device-dependent defaults, resolved, so that args.json and the checkpoint
+    hold the values the run used."""
+    try:
+        args.arch = canonical_arch(args.arch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    name = member(args.arch)
+    scaling, large = SCALING[name], name in ("b4", "b5", "b6", "b7")
+    defaults = arch_config(args.arch)  # tf_ archs: TF's BatchNorm
+    cuda = env.device.type == "cuda"
+    resolved = {
+        "bn_eps": defaults["bn_eps"], "bn_momentum": defaults["bn_momentum"], "image_size": scaling.resolution,
+        "dropout": scaling.dropout, "workers": data.default_workers(), "lr": 0.16 if large else 0.08,
+        "weight_decay": 5e-6 if large else 1e-5, "batch_size": DEFAULT_BATCH[name], "channels_last": cuda,
+        "lean_activations": not cuda}
+    for key, value in resolved.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.val_resize is None:
+        args.val_resize = args.image_size + 32  # NVIDIA: 224 -> 256, 380 -> 412
+    if args.output_dir is None or args.output_dir == "":
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        from_resume = args.resume and args.resume != "auto"
+        args.output_dir = (os.path.dirname(os.path.abspath(args.resume)) if from_resume else
+                           utils.broadcast_object(os.path.join("runs", f"{args.arch}-{stamp}"), env))
+
+
+def check_device(args, env):
+    """What this device cannot do; --amp auto becomes the dtype it picks."""
+    cuda = env.device.type == "cuda"
+    if args.decode == "gpu" and not cuda and not args.evaluate:
+        raise UsageError("--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
+    if args.sync_bn and not cuda:
+        raise UsageError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only); leave it off on the CPU")
+    amp = resolve_amp(args.amp, env.device)
+    args.amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    if amp == torch.bfloat16 and cuda and not native_bf16(env.device):
+        log(env, "note: this GPU emulates bfloat16 (compute capability below 8.0), slowly; --amp fp16 is faster here")
+
+
+def check_output_dir(args):
+    """The run folder must be a folder (or creatable as one) that this process may write, and
+    never clobbers a run: a folder that holds one is continued (--resume) or refused."""
+    path = args.output_dir
+    if not args.resume and os.path.exists(os.path.join(path, "last.pt")):
+        raise UsageError(f"{path} already holds a run (last.pt): continue it with --resume auto, "
+                         f"or choose another --output-dir")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output-dir {path}: {existing} is a file, not a folder; choose another --output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {path}: no permission to write in {existing}; choose another --output-dir")
 
 
 def native_bf16(device):
@@ -228,6 +416,11 @@ def criterion(logits, targets, label_smoothing):
     """Cross-entropy in float32 with label smoothing; `targets` are class indices or, with mixup,
     probabilities (smoothing then mixes those with the uniform distribution)."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def global_batch(batch_size, processes, accum_steps):
+    """Images per optimizer step: the schedule and the sample order are laid out in these."""
+    return batch_size * processes * accum_steps
 
 
 @torch.no_grad()
@@ -268,49 +461,17 @@ def build_optimizer(model, args, lr, fused=False):
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused or None)
 
 
-def prepare_run(args, env):
-    """-> (output_dir, checkpoint or None). Never clobbers a run: an output dir that holds one is
-    continued (--resume auto) or refused; a checkpoint of another arch is refused."""
-    checkpoint = None
-    if args.resume and args.resume != "auto":
-        checkpoint = utils.load_checkpoint(args.resume)
-        if "model" not in checkpoint or "epoch" not in checkpoint:
-            raise UsageError(f"{args.resume} is not a train.py checkpoint (bare weights go to --weights)")
-        output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.resume))
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        output_dir = args.output_dir or utils.broadcast_object(os.path.join("runs", f"{args.arch}-{stamp}"), env)
-        if args.resume == "auto":
-            path, checkpoint, skipped = utils.newest_good_checkpoint(output_dir)
-            for problem in skipped:
-                log(env, f"warning: skipping {problem}")
-            if path:
-                log(env, f"resuming from {path}")
-        elif not args.evaluate and os.path.exists(os.path.join(output_dir, "last.pt")):
-            raise UsageError(f"{output_dir} already holds a run (last.pt): continue it with --resume auto, "
-                             f"or choose another --output-dir")
-    if checkpoint is not None and checkpoint["args"]["arch"] != args.arch:
-        raise UsageError(f"checkpoint is for {checkpoint['args']['arch']}, not {args.arch}: "
-                         f"pass --arch {checkpoint['args']['arch']}")
-    if checkpoint is not None:  # weights only work on inputs normalised as in their training
-        for flag, given, default in (("mean", args.mean, data.IMAGENET_MEAN), ("std", args.std, data.IMAGENET_STD)):
-            trained = " ".join(map(str, checkpoint["args"].get(flag, default)))  # older checkpoints: ImageNet's
-            if trained != " ".join(map(str, given)):
-                raise UsageError(f"checkpoint was trained with --{flag} {trained}, not {' '.join(map(str, given))}: "
-                                 f"pass --{flag} {trained}")
-    return output_dir, checkpoint
-
-
-def restore_rng(env, state):
-    note = utils.set_rng_state(state, env.device)  # a note when an older checkpoint's GPU states are ambiguous
-    if note:
-        log(env, note)
-
-
 def log(env, message):
-    if env.main:
+    """Progress and notes: rank 0, stdout."""
+    if env is None or env.main:
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()
+
+
+def say_error(env, message):
+    """What ended the run, when every rank knows it: rank 0, stderr."""
+    if env.main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def write_on_main(env, write, *args):
@@ -328,100 +489,118 @@ def write_on_main(env, write, *args):
         raise utils.DiskFull(problem)
 
 
+# ---------------------------------------------------------------------------------------------
+# main
+
 def main(argv=None):
-    args = parse_args(argv)
-    timeout = f"--dist-timeout {args.dist_timeout:g} s"
+    args, given = parse_args(argv), given_flags(argv)
+    with global_state_kept():
+        try:
+            env = utils.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
+        except RuntimeError as e:  # torchrun's next restart (or the scheduler) takes over from here
+            print(f"error: rank {os.environ.get('RANK')}: the process group did not form within --dist-timeout "
+                  f"{args.dist_timeout:g} s ({utils.first_line(e)}); start the job again (--resume auto continues "
+                  f"the run)", file=sys.stderr)
+            return EXIT_PEER_LOST
+        try:
+            checkpoint = read_checkpoint(args, env)
+            resolve_args(args, env, given, checkpoint)
+            return run(args, env, checkpoint)
+        except (Exception, KeyboardInterrupt) as e:
+            return exit_code(e, env, args)
+        finally:
+            if env.world_size > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def global_state_kept():
+    """main() changes process-wide state (signal handlers, TF32 and cuDNN flags, deterministic
+    mode); whoever called it in-process (tests, a notebook, the GPU check) gets it back as it was."""
+    handlers = {s: signal.getsignal(s) for s in utils.StopSignal.SIGNALS}
+    backends = torch.backends.cudnn, torch.backends.cuda.matmul
+    flags = [(m, name, getattr(m, name)) for m, name in ((backends[0], "benchmark"), (backends[0], "deterministic"),
+                                                         (backends[0], "allow_tf32"), (backends[1], "allow_tf32"))]
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
-        env = utils.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
-    except RuntimeError as e:  # torchrun's next restart (or the scheduler) takes over from here
-        print(f"error: rank {os.environ.get('RANK')}: the process group did not form within {timeout} "
-              f"({utils.first_line(e)}); start the job again (--resume auto continues the run)", file=sys.stderr)
-        return EXIT_PEER_LOST
-    try:
-        return run(resolve_args(args), env)
-    except (UsageError, data.DataError) as e:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for module, name, value in flags:
+            setattr(module, name, value)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+def exit_code(error, env, args):
+    """Say in one line on stderr what ended the run and return its exit code; errors that are not
+    the input's, the machine's or a peer's propagate with their traceback."""
+    if isinstance(error, (UsageError, data.DataError)):
         # A bad file met in a loader worker arrives wrapped in the worker's traceback: keep its last
         # line, without the "data.DataError: " that the traceback puts in front.
-        message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
+        message = str(error).strip().splitlines()[-1].removeprefix(f"{type(error).__module__}.{type(error).__name__}: ")
         print(f"error: {message}", file=sys.stderr)  # every rank: the one that met it may not be rank 0
         return EXIT_USAGE
-    except NonFiniteLoss as e:
-        log(env, f"error: {e}")
+    if isinstance(error, torch.OutOfMemoryError):  # this rank's alone: it says so itself
+        print(f"error: rank {env.rank}: the GPU ran out of memory ({utils.first_line(error)}); lower --batch-size "
+              f"(keeping the global batch with --accum-steps) or add --grad-checkpointing", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(error, KeyboardInterrupt):  # before training started, or a second Ctrl-C
+        print(f"error: interrupted: stopped at once, nothing saved since the last checkpoint "
+              f"(continue with --resume auto --output-dir {args.output_dir})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(error, NonFiniteLoss):
+        say_error(env, f"error: {error}")
         return EXIT_NONFINITE
-    except Preempted as e:
-        log(env, str(e))
-        return EXIT_PREEMPTED
-    except utils.DiskFull as e:
-        log(env, f"error: {e}. Free space there (or move the folder and pass it as --output-dir), then "
-                 f"rerun with --resume auto")
+    if isinstance(error, Preempted):
+        say_error(env, str(error))
+        return error.code
+    if isinstance(error, utils.DiskFull):
+        say_error(env, f"error: {error}. Free space there (or move the folder and pass it as --output-dir), then "
+                       f"rerun with --resume auto")
         return EXIT_DISK_FULL
-    except RuntimeError as e:
-        if env.world_size == 1 or not utils.is_peer_failure(e):
-            raise
+    if isinstance(error, RuntimeError) and env.world_size > 1 and utils.is_peer_failure(error):
         # Every rank that gets here says so: the one still running may not be rank 0.
-        waited = any(word in str(e).lower() for word in ("timed out", "timeout"))
-        what = (f"waited {timeout} for another process, which is stopped, hung or unreachable" if waited
-                else "lost another process, which crashed or whose host went down")
-        print(f"error: rank {env.rank} {what} ({utils.first_line(e)}); nothing was saved after the last "
+        waited = any(word in str(error).lower() for word in ("timed out", "timeout"))
+        what = (f"waited --dist-timeout {args.dist_timeout:g} s for another process, which is stopped, hung or "
+                f"unreachable" if waited else "lost another process, which crashed or whose host went down")
+        print(f"error: rank {env.rank} {what} ({utils.first_line(error)}); nothing was saved after the last "
               f"checkpoint: rerun with --resume auto (exit code {EXIT_PEER_LOST})", file=sys.stderr)
         return EXIT_PEER_LOST
-    finally:
-        if env.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    raise error
 
 
-class Run:
-    """The state that the phases of a training run share, one plain object: `build` fills it,
-    `restore` rewinds it to a checkpoint, `start` opens the run, `train_one_epoch` and
-    `evaluate_and_save` move it on. It holds
-    - set-up: args, env, amp_dtype, channels_last, lean, output_dir, ckpt_path;
-    - data: train_set, val_set, num_classes, train_sampler, train_loader, val_loader;
-    - model: model (unwrapped: what is saved), train_model (DDP / compiled), eval_model, ddp,
-      optimizer, scaler, ema;
-    - schedule: global_batch, steps_per_epoch, total_steps, warmup_steps, base_lr;
-    - where the run stands: start_epoch, start_step, step, best_top1, history, loss_sum, watch,
-      read_retries_seen;
-    - from `start`: lock, stop, interactive, tensorboard."""
-
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
-
-
-def run(args, env):
-    amp_dtype, cuda = set_up_torch(args, env)
-    output_dir, checkpoint = prepare_run(args, env)
-    if args.evaluate and checkpoint is None and not args.weights:
-        raise UsageError(f"--resume auto found no checkpoint in {output_dir} to evaluate")
+def run(args, env, checkpoint):
+    set_up_torch(args)
     if checkpoint is not None and checkpoint["epoch"] >= args.epochs and not args.evaluate:
-        log(env, f"the run in {output_dir} already finished its {args.epochs} epochs; nothing to do")
+        log(env, f"the run in {args.output_dir} already finished its {args.epochs} epochs; nothing to do")
         return 0
-    lock = None if args.evaluate else take_run_dir(output_dir, env)  # held while the run lasts
-    r = build(args, env, amp_dtype, cuda, output_dir, checkpoint)
+    r = build(args, env, checkpoint)
     if args.evaluate:
         return evaluate_only(r, checkpoint)
-    if checkpoint is not None:
-        restore(r, checkpoint)
-    start(r, lock)
-    for epoch in range(r.start_epoch, args.epochs):
-        if args.run_epochs and epoch - r.start_epoch == args.run_epochs:
-            log(env, f"ran {args.run_epochs} epoch(s) as asked (--run-epochs); continue with --resume auto")
-            return 0
-        row = train_one_epoch(r, epoch)
-        evaluate_and_save(r, epoch, row)
-    log(env, f"done: best val top-1 {r.best_top1:.3f}" if r.best_top1 >= 0 else "done")
-    return 0
+    r.lock = take_run_dir(args.output_dir, env)
+    try:
+        if checkpoint is not None:
+            restore(r, checkpoint)
+        start(r)
+        for epoch in range(r.start_epoch, args.epochs):
+            if args.run_epochs and epoch - r.start_epoch == args.run_epochs:
+                log(env, f"ran {args.run_epochs} epoch(s) as asked (--run-epochs); continue with --resume auto")
+                return 0
+            row = train_one_epoch(r, epoch)
+            evaluate_and_save(r, epoch, row)
+        log(env, f"done: best val top-1 {r.best_top1:.3f}" if r.best_top1 >= 0 else "done")
+        return 0
+    finally:
+        utils.unlock_run_dir(r.lock)
 
 
-def set_up_torch(args, env):
-    """-> (autocast dtype or None, whether on CUDA); refuses what this device cannot do."""
-    amp_dtype = resolve_amp(args.amp, env.device)
-    cuda = env.device.type == "cuda"
-    if args.decode == "gpu" and not cuda and not args.evaluate:
-        raise UsageError("--decode gpu needs a CUDA GPU and none is visible; use --decode cpu")
-    if args.sync_bn and not cuda:
-        raise UsageError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only); leave it off on the CPU")
-    if amp_dtype == torch.bfloat16 and cuda and not native_bf16(env.device):
-        log(env, "note: this GPU emulates bfloat16 (compute capability below 8.0), slowly; --amp fp16 is faster here")
+def set_up_torch(args):
     torch.backends.cudnn.benchmark = not args.deterministic  # autotuning picks kernels by timing: run-dependent
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA 10.2+)
@@ -429,16 +608,15 @@ def set_up_torch(args, env):
         torch.use_deterministic_algorithms(True, warn_only=True)  # warns naming any op that has no such kernel
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 as NVIDIA's recipe on A100
     torch.backends.cudnn.allow_tf32 = True
-    return amp_dtype, cuda
 
 
 def take_run_dir(output_dir, env):
-    """Rank 0 locks the run folder (the lock lives as long as the returned handle) and clears the
-    temporaries of a run killed while saving; every rank learns the outcome."""
+    """Rank 0 makes and locks the run folder (the lock lives as long as the returned handle) and
+    clears the temporaries of a run killed while saving; every rank learns the outcome."""
     lock = lock_error = None
     if env.main:
-        os.makedirs(output_dir, exist_ok=True)
         try:
+            os.makedirs(output_dir, exist_ok=True)
             lock = utils.lock_run_dir(output_dir)
             utils.remove_stale_temporaries(output_dir)  # left by a run killed while saving
         except UsageError as e:
@@ -449,79 +627,148 @@ def take_run_dir(output_dir, env):
     return lock
 
 
-def build(args, env, amp_dtype, cuda, output_dir, checkpoint):
-    """Data, model (with --weights or the checkpoint's weights), and for training the loaders,
-    schedule, DDP wrapper, optimizer, GradScaler and EMA: a Run at step 0."""
-    channels_last = cuda if args.channels_last is None else args.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    train_set, val_set = data.build_datasets(args.data, args.image_size, args.val_resize, args.seed,
-                                             args.min_crop_scale, args.autoaugment, with_train=not args.evaluate,
-                                             decode=args.decode if not args.evaluate else "cpu",
-                                             val_interpolation=args.val_interpolation)
-    num_classes = args.num_classes or len(val_set.classes)
-    val_loader = data.DeviceLoader(
-        data.build_loader(val_set, data.ShardSampler(len(val_set), env.rank, env.world_size),
-                          args.batch_size, args.workers, train=False, pin_memory=cuda), env.device, channels_last,
-        args.mean, args.std)
+# ---------------------------------------------------------------------------------------------
+# The run's state, and the phases that build and move it
 
+@dataclass
+class Run:
+    """What the phases of a run share: `build` fills it, `restore` rewinds it to a checkpoint,
+    `start` opens the run, `train_one_epoch` and `evaluate_and_save` move it on."""
+    # set-up
+    args: argparse.Namespace  # every setting, resolved (what args.json and the checkpoints hold)
+    env: utils.Dist
+    amp_dtype: torch.dtype = None  # autocast's dtype; None: float32
+    # data
+    train_set: torch.utils.data.Dataset = None
+    val_set: torch.utils.data.Dataset = None
+    train_sampler: data.TrainSampler = None
+    train_loader: data.DeviceLoader = None  # normalised float batches on the device
+    val_loader: data.DeviceLoader = None
+    # model
+    model: nn.Module = None  # unwrapped: what is saved and evaluated
+    train_model: nn.Module = None  # the model under DDP and/or torch.compile
+    eval_model: nn.Module = None  # the model, compiled with --compile
+    ema: utils.EMA = None
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None  # enabled for fp16 only
+    # schedule
+    global_batch: int = 0  # images per optimizer step: processes x batch x accumulation
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
+    base_lr: float = 0.0  # --lr (per 4096 images) scaled to the global batch
+    # where the run stands: what checkpoints hold and restore() rewinds
+    start_epoch: int = 0
+    start_step: int = 0  # steps of start_epoch already taken
+    step: int = 0  # optimizer steps taken in all
+    best_top1: float = -1.0
+    history: list = field(default_factory=list)  # metrics.jsonl's rows
+    loss_sum: torch.Tensor = None  # this epoch's step losses on this rank, on the device (no sync)
+    watch: utils.NonFiniteWatch = None  # non-finite steps, counted on the device
+    read_retries_seen: int = 0
+    # while it runs
+    lock: object = None  # rank 0's lock on the run folder
+    stop: utils.StopSignal = None
+    interactive: bool = False  # a terminal: a progress bar instead of log lines
+    tensorboard: utils.TensorBoard = None
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.args.output_dir, "last.pt")
+
+    def kept(self):
+        """What is left of the run on disk when it stops without saving."""
+        return f"{self.ckpt_path} kept as it was" if os.path.exists(self.ckpt_path) else "no checkpoint written yet"
+
+
+def build(args, env, checkpoint):
+    """Data, model (the checkpoint's or --weights), and for training the loaders, schedule, DDP
+    wrapper, optimizer, GradScaler and EMA: a Run at step 0."""
+    r = Run(args, env, resolve_amp(args.amp, env.device))
+    build_data(r, checkpoint)
+    build_model(r, checkpoint)
+    if not args.evaluate:
+        build_training(r)
+    return r
+
+
+def build_data(r, checkpoint):
+    """Datasets and the val loader. Checks here: those that need the data set."""
+    args, env = r.args, r.env
+    r.train_set, r.val_set = data.build_datasets(
+        args.data, args.image_size, args.val_resize, args.seed, args.min_crop_scale, args.autoaugment,
+        with_train=not args.evaluate, decode="cpu" if args.evaluate else args.decode,
+        val_interpolation=args.val_interpolation)
+    classes = len(r.val_set.classes)
+    if args.num_classes is None:
+        args.num_classes = classes
+    elif args.num_classes < classes:
+        raise UsageError(f"the checkpoint was trained on {args.num_classes} classes, this run has {classes} "
+                         f"(--data {args.data}): resume it with its own data, or fine-tune from it with --weights "
+                         f"CHECKPOINT (a new run)" if checkpoint is not None else
+                         f"--num-classes {args.num_classes} is smaller than the {classes} classes of --data "
+                         f"{args.data}: every label needs an output; leave --num-classes out")
+    elif args.num_classes > classes:
+        log(env, f"note: --num-classes {args.num_classes}: {args.num_classes - classes} outputs more than the "
+                 f"{classes} classes of --data {args.data} (they are never a label)")
+    if not args.evaluate:
+        batch = global_batch(args.batch_size, env.world_size, args.accum_steps)
+        if len(r.train_set) < batch:
+            raise UsageError(f"a step needs {batch} images (--batch-size {args.batch_size} x {env.world_size} "
+                             f"processes x --accum-steps {args.accum_steps}) but the train set has "
+                             f"{len(r.train_set)}; lower --batch-size")
+    r.val_loader = loader(r, r.val_set, data.ShardSampler(len(r.val_set), env.rank, env.world_size), train=False)
+
+
+def loader(r, dataset, sampler, train):
+    cuda = r.env.device.type == "cuda"
+    batches = data.build_loader(dataset, sampler, r.args.batch_size, r.args.workers, train=train, pin_memory=cuda)
+    return data.DeviceLoader(batches, r.env.device, r.args.channels_last, r.args.mean, r.args.std)
+
+
+def build_model(r, checkpoint):
+    args, env = r.args, r.env
     utils.seed_everything(args.seed + env.rank)
-    lean = not cuda if args.lean_activations is None else args.lean_activations
-    model = create_model(args.arch, num_classes, dropout=args.dropout, drop_path_rate=args.drop_path,
-                         bn_eps=args.bn_eps, bn_momentum=args.bn_momentum, lean_activations=lean)
-    if args.weights:
-        load_weights(model, args, env)
+    model = create_model(args.arch, args.num_classes, dropout=args.dropout, drop_path_rate=args.drop_path,
+                         bn_eps=args.bn_eps, bn_momentum=args.bn_momentum, lean_activations=args.lean_activations)
     if checkpoint is not None:
-        classes_then = checkpoint["model"]["classifier.weight"].shape[0]
-        if classes_then != num_classes:
-            raise UsageError(f"the checkpoint was trained on {classes_then} classes, this run has {num_classes} "
-                             f"({'--num-classes' if args.num_classes else f'--data {args.data}'}): resume it with "
-                             f"its own data, or fine-tune from it with --weights CHECKPOINT (a new run)")
         model.load_state_dict(checkpoint["model"])
+    elif args.weights:
+        load_weights(model, args, env)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(env.device, memory_format=memory_format)
-    r = Run(args=args, env=env, amp_dtype=amp_dtype, output_dir=output_dir, channels_last=channels_last,
-            lean=lean, train_set=train_set, val_set=val_set, val_loader=val_loader, model=model)
-    if args.evaluate:
-        return r
+    model.to(env.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    r.model = model
+    r.eval_model = torch.compile(model) if args.compile else model
 
-    global_batch = args.batch_size * env.world_size * args.accum_steps
-    if len(train_set) < global_batch:
-        raise UsageError(f"a step needs {global_batch} images (--batch-size {args.batch_size} x {env.world_size} "
-                         f"processes x --accum-steps {args.accum_steps}) but the train set has {len(train_set)}; "
-                         f"lower --batch-size")
-    r.train_sampler = data.TrainSampler(len(train_set), env.rank, env.world_size, args.seed)
-    r.train_loader = data.DeviceLoader(
-        data.build_loader(train_set, r.train_sampler, args.batch_size, args.workers, train=True, pin_memory=cuda),
-        env.device, channels_last, args.mean, args.std)
+
+def build_training(r):
+    args, env = r.args, r.env
+    cuda = env.device.type == "cuda"
+    r.train_sampler = data.TrainSampler(len(r.train_set), env.rank, env.world_size, args.seed)
+    r.train_loader = loader(r, r.train_set, r.train_sampler, train=True)
     # Every step takes a global batch of distinct images (the sampler's padding is never reached), so
     # an epoch has as many steps on any number of processes that keeps the global batch.
-    steps_per_epoch = len(train_set) // global_batch
+    r.global_batch = global_batch(args.batch_size, env.world_size, args.accum_steps)
+    r.steps_per_epoch = len(r.train_set) // r.global_batch
     if args.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
-    r.num_classes, r.global_batch, r.steps_per_epoch = num_classes, global_batch, steps_per_epoch
-    r.total_steps = steps_per_epoch * args.epochs
-    r.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    r.base_lr = args.lr * global_batch / 4096
+        r.steps_per_epoch = min(r.steps_per_epoch, args.steps_per_epoch)
+    r.total_steps = r.steps_per_epoch * args.epochs
+    r.warmup_steps = round(args.warmup_epochs * r.steps_per_epoch)
+    r.base_lr = args.lr * r.global_batch / 4096
 
     if args.sync_bn and env.world_size > 1:
-        model = r.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    r.ddp = env.world_size > 1
-    r.train_model = utils.data_parallel(model, env) if r.ddp else model
+        r.model = nn.SyncBatchNorm.convert_sync_batchnorm(r.model)
+        r.eval_model = torch.compile(r.model) if args.compile else r.model
+    r.train_model = utils.data_parallel(r.model, env) if env.world_size > 1 else r.model
     if args.compile:
         r.train_model = torch.compile(r.train_model)
-    r.eval_model = torch.compile(model) if args.compile else model
-    r.optimizer = build_optimizer(model, args, r.base_lr, fused=cuda)
-    r.scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    r.ema = utils.EMA(model, args.ema_decay) if args.ema_decay > 0 else None
-
-    # Where the run stands: the counters that restore() rewinds and the epochs move on.
-    r.start_epoch, r.start_step, r.step, r.best_top1, r.history = 0, 0, 0, -1.0, []
-    r.loss_sum = torch.zeros((), device=env.device)  # sum of this epoch's step losses on this rank
+    r.optimizer = build_optimizer(r.model, args, r.base_lr, fused=cuda)
+    r.scaler = torch.amp.GradScaler(env.device.type, enabled=r.amp_dtype == torch.float16)
+    r.ema = utils.EMA(r.model, args.ema_decay) if args.ema_decay > 0 else None
+    r.loss_sum = torch.zeros((), device=env.device)
     # Non-finite steps: bf16/fp32 stop at the first; fp16 stops after --max-nonfinite skips in a row.
     r.watch = utils.NonFiniteWatch(args.max_nonfinite if r.scaler.is_enabled() else 1, env.device)
-    r.read_retries_seen = data.read_retries(train_set, val_set)
-    r.ckpt_path = os.path.join(output_dir, "last.pt")
-    return r
+    r.read_retries_seen = data.read_retries(r.train_set, r.val_set)
 
 
 def load_weights(model, args, env):
@@ -540,54 +787,57 @@ def load_weights(model, args, env):
                  f"--arch tf_efficientnet_{member(args.arch)} (TF padding and BatchNorm)")
 
 
+def evaluate_models(r, models):
+    """{prefix: model or None} -> the val figures of each model, keys prefixed. Every rank
+    evaluates rank 0's BatchNorm statistics (and rank 0 saves them)."""
+    results = {}
+    for prefix, model in models.items():
+        if model is not None:
+            utils.broadcast_buffers(model, r.env)
+            figures = evaluate(model, r.val_loader, r.env, r.amp_dtype, len(r.val_set))
+            results.update({prefix + k: v for k, v in figures.items() if k != "images"})
+    return results
+
+
 def evaluate_only(r, checkpoint):
     """--evaluate: one JSON line of val figures (and the EMA's, when the checkpoint has one)."""
-    model, env = r.model, r.env  # (--sync-bn changes nothing here: eval mode uses the running statistics)
-    results = evaluate(torch.compile(model) if r.args.compile else model, r.val_loader, env, r.amp_dtype,
-                       len(r.val_set))
+    ema = None  # (--sync-bn changes nothing here: eval mode uses the running statistics)
     if checkpoint is not None and checkpoint.get("ema") is not None:
-        model.load_state_dict(checkpoint["ema"])
-        ema_results = evaluate(model, r.val_loader, env, r.amp_dtype, len(r.val_set))
-        results.update({f"ema_{k}": v for k, v in ema_results.items() if k != "images"})
-    log(env, json.dumps(results))
+        ema = copy.deepcopy(r.model)
+        ema.load_state_dict(checkpoint["ema"])
+    log(r.env, json.dumps({"images": len(r.val_set), **evaluate_models(r, {"": r.eval_model, "ema_": ema})}))
     return 0
 
 
 def restore(r, checkpoint):
     """Rewind the Run to the checkpoint: optimizer, GradScaler, EMA, counters, metrics and every
     rank's random streams, so that training continues with the very next batch."""
-    args, env = r.args, r.env
     r.optimizer.load_state_dict(checkpoint["optimizer"])
     if r.scaler.is_enabled() and not checkpoint["scaler"]:  # saved by a bf16 or fp32 run
-        log(env, "note: the checkpoint was not trained with --amp fp16; the GradScaler starts afresh")
+        log(r.env, "note: the checkpoint was not trained with --amp fp16; the GradScaler starts afresh")
     else:
         r.scaler.load_state_dict(checkpoint["scaler"])
     if r.ema is not None:
-        if checkpoint["ema"] is None:
-            raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
         r.ema.load_state_dict(checkpoint["ema"])
     r.start_epoch, r.start_step, r.step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
     r.best_top1, r.history = checkpoint["best_top1"], checkpoint["history"]
-    ranks, then = checkpoint["ranks"], checkpoint["args"]  # ranks: per-rank RNG streams and running sums
-    global_then = then["batch_size"] * len(ranks) * then["accum_steps"]
-    if global_then != r.global_batch:
-        per_step = args.batch_size * env.world_size
-        keep = (f"pass --accum-steps {global_then // per_step}" if global_then % per_step == 0 else
-                f"choose --batch-size and --accum-steps with batch x {env.world_size} x accumulation = {global_then}")
-        raise UsageError(f"the checkpoint's global batch is {global_then} ({then['batch_size']} x {len(ranks)} "
-                         f"process(es) x {then['accum_steps']} accumulation), this run's {r.global_batch} "
-                         f"({args.batch_size} x {env.world_size} x {args.accum_steps}); the schedule and the "
-                         f"sample order need the same: {keep} (or start anew from it with --weights)")
+    restore_ranks(r, checkpoint["ranks"], checkpoint["args"])
+
+
+def restore_ranks(r, ranks, then):
+    """Each rank's random streams and running sums. On as many processes as saved them, one to one;
+    on another number (the same global batch), the sampler skips what all ranks consumed together,
+    so the epoch goes on with exactly the samples not yet seen, but the random streams cannot pass
+    one to one: ranks beyond the old count keep their fresh seed. The epoch's loss is a mean over
+    ranks: the old ranks' sum is rescaled."""
+    args, env = r.args, r.env
     if len(ranks) == env.world_size:
-        restore_rng(env, ranks[env.rank]["rng"])
+        utils.set_rng_state(ranks[env.rank]["rng"], env.device)
         r.loss_sum.fill_(ranks[env.rank]["loss_sum"])
         r.watch.skipped.fill_(ranks[env.rank]["skipped"])
     else:
-        # The sampler skips what all ranks consumed together, so the epoch goes on with exactly the
-        # samples not yet seen. Random streams cannot pass one to one: ranks beyond the old count keep
-        # their fresh seed. The epoch's loss is a mean over ranks: the old ranks' sum is rescaled.
         if env.rank < len(ranks):
-            restore_rng(env, ranks[env.rank]["rng"])
+            utils.set_rng_state(ranks[env.rank]["rng"], env.device)
         if env.main:
             r.loss_sum.fill_(sum(rank["loss_sum"] for rank in ranks) * env.world_size / len(ranks))
             r.watch.skipped.fill_(max(rank["skipped"] for rank in ranks))
@@ -597,32 +847,42 @@ def restore(r, checkpoint):
                  f"(the checkpoint: {len(ranks)} x {then['batch_size']} x {then['accum_steps']}), the same global "
                  f"batch {r.global_batch}: epoch {r.start_epoch + 1} continues with the {left} images not yet seen; "
                  f"schedule and step count go on, but not bit for bit as it would have")
-    changed = {k: (v, getattr(args, k)) for k, v in then.items()
-               if k in ("lr", "epochs", "warmup_epochs", "opt", "weight_decay", "mixup", "label_smoothing")
-               and getattr(args, k) != v}
-    if changed:
-        log(env, "note: the command line changes " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
 
-def start(r, lock):
-    """Keep the run folder's lock, write args.json and the metrics so far, say what runs, and start
-    listening for stop signals."""
+def start(r):
+    """Write args.json and the metrics so far, say what runs, and start listening for stop signals."""
     args, env = r.args, r.env
-    r.lock = lock
-    write_on_main(env, utils.write_json, os.path.join(r.output_dir, "args.json"), vars(args))
-    write_on_main(env, utils.write_jsonl, os.path.join(r.output_dir, "metrics.jsonl"), r.history)
+    write_on_main(env, utils.write_json, os.path.join(args.output_dir, "args.json"), vars(args))
+    write_on_main(env, utils.write_jsonl, os.path.join(args.output_dir, "metrics.jsonl"), r.history)
     log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in r.model.parameters()):,} parameters, "
-             f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {r.num_classes} classes, "
+             f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {args.num_classes} classes, "
              f"{env.world_size} process(es) on {env.device.type}, amp {r.amp_dtype or 'off'}, "
-             f"{'channels_last' if r.channels_last else 'NCHW'}{', lean activations' if r.lean and not args.compile else ''}"
+             f"{'channels_last' if args.channels_last else 'NCHW'}"
+             f"{', lean activations' if args.lean_activations and not args.compile else ''}"
              f"{', deterministic' if args.deterministic else ''}")
     log(env, f"global batch {r.global_batch} = {args.batch_size} x {env.world_size} process(es) x "
              f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {r.base_lr:.6g}; "
              f"{r.steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {r.warmup_steps} steps; "
-             f"{args.workers} loader worker(s) per process, decode on {args.decode}; output {r.output_dir}")
+             f"{args.workers} loader worker(s) per process, decode on {args.decode}; output {args.output_dir}")
     r.interactive = sys.stderr.isatty()
-    r.stop = utils.StopSignal(env, max_interval=args.log_every)  # checked without waiting, at most a log interval apart
-    r.tensorboard = utils.TensorBoard(os.path.join(r.output_dir, "tensorboard")) if args.tensorboard and env.main else None
+    r.stop = utils.StopSignal(env)
+    if args.tensorboard and env.main:
+        r.tensorboard = utils.TensorBoard(os.path.join(args.output_dir, "tensorboard"))
+
+
+@dataclass
+class Meter:
+    """Wall-clock figures of an epoch and of its current logging interval."""
+    loss_at_start: torch.Tensor  # Run.loss_sum when the interval began
+    epoch_start: float = field(default_factory=time.time)
+    interval_start: float = field(default_factory=time.time)
+    steps: int = 0  # in the interval
+    data_seconds: float = 0.0  # waiting for batches, in the epoch
+    interval_data_seconds: float = 0.0
+
+    def waited(self, seconds):
+        self.data_seconds += seconds
+        self.interval_data_seconds += seconds
 
 
 def train_one_epoch(r, epoch):
@@ -637,71 +897,88 @@ def train_one_epoch(r, epoch):
     batches = iter(r.train_loader)
     bar = tqdm(total=r.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not (env.main and r.interactive), dynamic_ncols=True)
-    start_time = interval_start = time.time()
-    interval_loss, interval_steps = r.loss_sum.clone(), 0
-    data_seconds = interval_data_seconds = 0.0  # wall time spent waiting for the next batch
+    meter = Meter(r.loss_sum.clone())
     for epoch_step in range(first_step, r.steps_per_epoch):
         lr = lr_at(r.step, r.base_lr, r.warmup_steps, r.total_steps, args.min_lr)
         for group in r.optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=env.device)
-        for micro in range(args.accum_steps):
-            wait_start = time.perf_counter()
-            images, labels = next(batches)
-            waited = time.perf_counter() - wait_start
-            data_seconds += waited
-            interval_data_seconds += waited
-            targets = labels
-            if args.mixup > 0:
-                images, targets = data.mixup(images, labels, r.num_classes, random.betavariate(args.mixup, args.mixup))
-            # Gradients are all-reduced on the last micro-batch only.
-            sync = contextlib.nullcontext() if not r.ddp or micro == args.accum_steps - 1 else r.train_model.no_sync()
-            with sync:
-                with torch.autocast(env.device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
-                    logits = r.train_model(images)
-                loss = criterion(logits, targets, args.label_smoothing) / args.accum_steps
-                r.scaler.scale(loss).backward()
-            step_loss += loss.detach()
+        step_loss = forward_backward(r, batches, meter)
         r.loss_sum += step_loss
         optimizer_step(r, step_loss)
         r.step += 1
-        interval_steps += 1
+        meter.steps += 1
         bar.update(1)
-
         last = epoch_step + 1 == r.steps_per_epoch
         if r.step % args.log_every == 0 or last:
-            check_finite(r)  # the one sync of the interval (reads the device counters)
-            now = time.time()
-            interval_mean = (r.loss_sum - interval_loss).item() / interval_steps
-            rate = interval_steps * r.global_batch / max(now - interval_start, 1e-9)
-            data_share = 100 * interval_data_seconds / max(now - interval_start, 1e-9)
-            bar.set_postfix(loss=f"{interval_mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", data=f"{data_share:.0f}%")
-            if not r.interactive:  # log files get one plain line per interval instead of a bar
-                eta = (r.steps_per_epoch - epoch_step - 1) * r.global_batch / rate
-                log(env, f"epoch {epoch + 1}/{args.epochs} step {epoch_step + 1}/{r.steps_per_epoch} "
-                         f"loss {interval_mean:.4f} lr {lr:.4g} {rate:.1f} img/s data {data_share:.0f}% "
-                         f"epoch eta {eta / 60:.1f} min")
-            if r.tensorboard:
-                r.tensorboard.add("train", {"loss": interval_mean, "lr": lr, "images_per_sec": rate,
-                                            "data_percent": data_share}, r.step)
-            interval_start, interval_loss, interval_steps = now, r.loss_sum.clone(), 0
-            interval_data_seconds = 0.0
+            report_interval(r, meter, bar, epoch, epoch_step, lr)
         if r.stop.requested():
             save(r, epoch, epoch_step + 1)
             bar.close()
             raise Preempted(f"stopped by {r.stop.name} at step {r.step} (epoch {epoch + 1}); wrote {r.ckpt_path}. "
-                            f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
+                            f"{continue_hint(r)}", r.stop.name)
         if args.save_every_steps and r.step % args.save_every_steps == 0 and not last:
             save(r, epoch, epoch_step + 1)
     bar.close()
-    train_seconds = time.time() - start_time
+    return epoch_row(r, epoch, first_step, meter)
 
-    row = {"epoch": epoch + 1, "lr": lr_at(r.step - 1, r.base_lr, r.warmup_steps, r.total_steps, args.min_lr),
+
+def continue_hint(r):
+    code = EXIT_INTERRUPTED if r.stop.name == "SIGINT" else EXIT_PREEMPTED
+    return f"Continue with the same command and --resume auto --output-dir {r.args.output_dir} (exit code {code})."
+
+
+def forward_backward(r, batches, meter):
+    """The micro-batches of one optimizer step, forward and backward; -> the step's loss (on the
+    device). Gradients are all-reduced on the last micro-batch only."""
+    args = r.args
+    step_loss = torch.zeros((), device=r.env.device)
+    for micro in range(args.accum_steps):
+        wait_start = time.perf_counter()
+        images, labels = next(batches)
+        meter.waited(time.perf_counter() - wait_start)
+        targets = labels
+        if args.mixup > 0:
+            images, targets = data.mixup(images, labels, args.num_classes, random.betavariate(args.mixup, args.mixup))
+        last = micro == args.accum_steps - 1
+        with contextlib.nullcontext() if r.env.world_size == 1 or last else r.train_model.no_sync():
+            with torch.autocast(r.env.device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
+                logits = r.train_model(images)
+            loss = criterion(logits, targets, args.label_smoothing) / args.accum_steps
+            r.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def report_interval(r, meter, bar, epoch, epoch_step, lr):
+    """The logging interval's figures (the one device sync of the interval) to the bar, the log
+    and TensorBoard; the next interval starts."""
+    check_finite(r)
+    now = time.time()
+    elapsed = max(now - meter.interval_start, 1e-9)
+    loss = (r.loss_sum - meter.loss_at_start).item() / meter.steps
+    rate = meter.steps * r.global_batch / elapsed
+    data_share = 100 * meter.interval_data_seconds / elapsed
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", data=f"{data_share:.0f}%")
+    if not r.interactive:  # log files get one plain line per interval instead of a bar
+        eta = (r.steps_per_epoch - epoch_step - 1) * r.global_batch / rate
+        log(r.env, f"epoch {epoch + 1}/{r.args.epochs} step {epoch_step + 1}/{r.steps_per_epoch} loss {loss:.4f} "
+                   f"lr {lr:.4g} {rate:.1f} img/s data {data_share:.0f}% epoch eta {eta / 60:.1f} min")
+    if r.tensorboard:
+        r.tensorboard.add("train", {"loss": loss, "lr": lr, "images_per_sec": rate, "data_percent": data_share},
+                          r.step)
+    meter.interval_start, meter.loss_at_start, meter.steps, meter.interval_data_seconds = \
+        now, r.loss_sum.clone(), 0, 0.0
+
+
+def epoch_row(r, epoch, first_step, meter):
+    """The epoch's training figures, agreed over the ranks (collective)."""
+    env, seconds = r.env, time.time() - meter.epoch_start
+    row = {"epoch": epoch + 1, "lr": lr_at(r.step - 1, r.base_lr, r.warmup_steps, r.total_steps, r.args.min_lr),
            "train_loss": utils.all_reduce(r.loss_sum.clone(), env).item() / (r.steps_per_epoch * env.world_size),
-           "images_per_sec": (r.steps_per_epoch - first_step) * r.global_batch / train_seconds,
-           "epoch_seconds": train_seconds,
+           "images_per_sec": (r.steps_per_epoch - first_step) * r.global_batch / seconds,
+           "epoch_seconds": seconds,
            # the slowest rank's wait holds every rank up (gradients meet in the all_reduce)
-           "data_seconds": utils.all_reduce(torch.tensor(data_seconds, dtype=torch.float64, device=env.device),
+           "data_seconds": utils.all_reduce(torch.tensor(meter.data_seconds, dtype=torch.float64, device=env.device),
                                             env, op=dist.ReduceOp.MAX).item()}
     if r.scaler.is_enabled():
         row["skipped_steps"] = int(utils.all_reduce(r.watch.skipped.clone(), env, op=dist.ReduceOp.MAX).item())
@@ -734,13 +1011,7 @@ def evaluate_and_save(r, epoch, row):
     args, env = r.args, r.env
     evaluated = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
     if evaluated:
-        utils.broadcast_buffers(r.model, env)  # all ranks evaluate (and rank 0 saves) the same model
-        row.update({f"val_{k}": v for k, v in evaluate(r.eval_model, r.val_loader, env, r.amp_dtype,
-                                                          len(r.val_set)).items() if k != "images"})
-        if r.ema is not None:
-            utils.broadcast_buffers(r.ema.module, env)
-            row.update({f"val_ema_{k}": v for k, v in evaluate(r.ema.module, r.val_loader, env, r.amp_dtype,
-                                                                len(r.val_set)).items() if k != "images"})
+        row.update(evaluate_models(r, {"val_": r.eval_model, "val_ema_": r.ema and r.ema.module}))
     reads = data.read_retries(r.train_set, r.val_set)  # this rank's train and val reads
     retries = int(utils.all_reduce(torch.tensor(reads - r.read_retries_seen, device=env.device), env).item())
     r.read_retries_seen = reads
@@ -754,25 +1025,24 @@ def evaluate_and_save(r, epoch, row):
     # (gloo may abort a rank whose peer tears the group down at that moment).
     stopping = r.stop.requested(now=True)
     save(r, epoch + 1, 0)
-    write_on_main(env, utils.write_jsonl, os.path.join(r.output_dir, "metrics.jsonl"), r.history)
+    write_on_main(env, utils.write_jsonl, os.path.join(args.output_dir, "metrics.jsonl"), r.history)
     if is_best:
-        write_on_main(env, utils.copy_atomic, r.ckpt_path, os.path.join(r.output_dir, "best.pt"))
+        write_on_main(env, utils.copy_atomic, r.ckpt_path, os.path.join(args.output_dir, "best.pt"))
     if r.tensorboard:
         r.tensorboard.add("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
     log(env, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if stopping:
         raise Preempted(f"stopped by {r.stop.name} after epoch {epoch + 1}; wrote {r.ckpt_path}. "
-                        f"Requeue with --resume auto (exit code {EXIT_PREEMPTED}).")
+                        f"{continue_hint(r)}", r.stop.name)
 
 
 def check_finite(r):
     """Collective, syncs: stop when a non-finite loss (fp16: too many skipped steps) was seen."""
     trip = r.watch.tripped_at(r.env)
     if trip is not None:
-        kept = f"{r.ckpt_path} kept as it was" if os.path.exists(r.ckpt_path) else "no checkpoint written"
         what = "the loss was not finite" if r.watch.limit == 1 else f"{r.watch.limit} consecutive steps overflowed"
         raise NonFiniteLoss(f"{what} at step {trip} (epoch {(trip - 1) // r.steps_per_epoch + 1}); stopped "
-                            f"without saving ({kept}). Try a lower --lr, --grad-clip or --amp bf16.")
+                            f"without saving ({r.kept()}). Try a lower --lr, --grad-clip or --amp bf16.")
 
 
 def save(r, epoch, epoch_step):
@@ -786,8 +1056,7 @@ def save(r, epoch, epoch_step):
     try:
         write_on_main(r.env, utils.save_atomic, state, r.ckpt_path)
     except utils.DiskFull as e:
-        kept = f"{r.ckpt_path} is kept as it was" if os.path.exists(r.ckpt_path) else "no checkpoint written yet"
-        raise utils.DiskFull(f"{e} ({kept})") from None
+        raise utils.DiskFull(f"{e} ({r.kept()})") from None
 
 
 if __name__ == "__main__":

@@ -59,6 +59,11 @@ def init_distributed(timeout=datetime.timedelta(minutes=30)):
     if world_size == 1:
         return Dist(device=device)
     cuda = device.type == "cuda"
+    if cuda:
+        # torchrun sets 1 (TearDown): on a timeout NCCL's watchdog then aborts the process (SIGABRT)
+        # before Python sees it. 2 (CleanUpOnly) aborts the communicators and lets the next
+        # collective raise, so that train.py reports the --dist-timeout in one line (exit 4).
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
     store = _this_attempts_store(rank, world_size, timeout) if _under_torchrun_agent_store() else None
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout,
                             store=store, rank=rank, world_size=world_size)
@@ -182,29 +187,13 @@ def rng_state(device=torch.device("cpu")):
 
 
 def set_rng_state(state, device=torch.device("cpu")):
-    """Restore what rng_state saved; returns a note for the log when the CUDA state could not be
-    restored as saved, else None."""
+    """Restore what rng_state saved (a CUDA state only on CUDA: a CPU run goes on without it)."""
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    cuda = state["cuda"]
-    if cuda is None or device.type != "cuda":
-        return None if cuda is None else "note: the checkpoint's CUDA random state is not used on the CPU"
-    if isinstance(cuda, torch.Tensor):
-        torch.cuda.set_rng_state(cuda, device)
-        return None
-    # Checkpoints of earlier versions hold a list: the state of every GPU the process saw, by index.
-    # The rank's own GPU was entry LOCAL_RANK when the GPUs per node are unchanged (or the only one).
-    index = 0 if len(cuda) == 1 else device.index
-    if index >= len(cuda):
-        return (f"note: the checkpoint holds CUDA random states of {len(cuda)} GPUs, none for cuda:{device.index}; "
-                f"its generator starts from the seed")
-    torch.cuda.set_rng_state(cuda[index], device)
-    if len(cuda) == 1:
-        return None
-    return (f"note: an older checkpoint with every GPU's random state: cuda:{device.index} takes entry {index}, "
-            f"its own state only if the GPUs per node are as they were")
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,22 +316,20 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
     return None, None, skipped
 
 
-def write_json(path, obj):
-    """Rewrite `path` with `obj` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2)
+def write_text(path, text):
+    """Rewrite `path` with `text`, atomically."""
     with _replacing(path, len(text.encode())) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def write_jsonl(path, rows):
-    """Rewrite `path` with one JSON object per line, atomically."""
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    with _replacing(path, len(text.encode())) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def lock_run_dir(folder):
@@ -364,68 +351,66 @@ def lock_run_dir(folder):
     return handle
 
 
+def unlock_run_dir(handle):
+    """End the lock of lock_run_dir (None: nothing held) and remove the lock file."""
+    if handle is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(handle.name)
+        handle.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Preemption
 
 class StopSignal:
-    """Records SIGTERM / SIGUSR1 (SLURM's warning signal) instead of dying; the training loop asks
-    `requested()` at every step boundary, and all ranks agree if any rank got a signal.
+    """Records SIGTERM, SIGUSR1 (SLURM's warning signal) and a first SIGINT (Ctrl-C) instead of
+    dying; a second SIGINT raises KeyboardInterrupt at once. The training loop asks `requested()`
+    at every step boundary, and all ranks agree if any rank got a signal, so that all stop at the
+    same step and save one checkpoint together. torch has no such agreement (torchrun forwards a
+    signal to every rank, SLURM may send it to one, at different steps).
 
-    With several processes the ranks agree through an all_reduce that is started without waiting
-    and read some calls later, so no rank waits for the others in a step. It is read every
-    `interval` calls: as many steps as take about `check_seconds` (the slowest rank's step time
-    travels in the same all_reduce, so every rank computes the same interval), at most
-    `max_interval`. A signal therefore stops all ranks at the same step, within about two
-    intervals."""
+    With several processes the ranks agree through a small all_reduce on the CPU control group,
+    started without waiting and read at the next call: no rank waits for the others inside a step,
+    and a signal stops every rank one step after the check that sees it."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, env, check_seconds=1.0, max_interval=50):
+    def __init__(self, env):
         self.env, self.name = env, None
-        self.check_seconds, self.max_interval = check_seconds, max_interval
-        self._calls, self._due = 0, 1
-        self._pending = None  # (work, [signal number, seconds per step]) of the all_reduce in flight
-        self._started_at, self._started_time = 0, time.monotonic()
+        self._pending = None  # (work, flag tensor) of the all_reduce in flight
         for sig in self.SIGNALS:
             signal.signal(sig, self._record)
 
     def _record(self, signum, frame):
-        self.name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.name == "SIGINT":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.name = self.name or signal.Signals(signum).name
 
     def _start(self):
-        now = time.monotonic()
-        per_step = (now - self._started_time) / max(1, self._calls - self._started_at)
-        flags = torch.tensor([signal.Signals[self.name].value if self.name else 0, per_step], dtype=torch.float64)
-        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True)
-        self._pending, self._started_at, self._started_time = (work, flags), self._calls, now
+        flag = torch.tensor([signal.Signals[self.name].value if self.name else 0])
+        self._pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True), flag
 
     def _finish(self):
         """Waits for the all_reduce in flight: True if any rank had a signal when it started it."""
-        (work, flags), self._pending = self._pending, None
+        (work, flag), self._pending = self._pending, None
         work.wait()
-        number, per_step = flags.tolist()  # a CPU tensor: no device synchronisation
+        number = int(flag.item())  # a CPU tensor: no device synchronisation
         if number:
-            self.name = signal.Signals(int(number)).name
-            return True
-        self._due = self._calls + min(self.max_interval, max(1, int(self.check_seconds / max(per_step, 1e-9))))
-        return False
+            self.name = signal.Signals(number).name
+        return bool(number)
 
     def requested(self, now=False):
         """Collective: every rank must call it at the same steps, with the same `now`. Decides on
-        reduced values only (a signal that arrives meanwhile is seen at a later check). `now`
+        reduced values only (a signal that arrives meanwhile is seen at the next check). `now`
         decides at this very call (blocking): at the end of an epoch, before starting another.
         Afterwards `name` is the signal on every rank, whichever rank received it."""
         if self.env.world_size == 1:
             return self.name is not None
-        self._calls += 1
-        if self._pending is not None and (now or self._calls >= self._due) and self._finish():
+        if self._pending is not None and self._finish():
             return True
-        if now:
-            self._start()
-            return self._finish()
-        if self._pending is None:
-            self._start()
-        return False
+        self._start()
+        return self._finish() if now else False
 
 
 # ---------------------------------------------------------------------------------------------

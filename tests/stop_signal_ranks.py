@@ -23,8 +23,7 @@ def counting_all_reduce(*args, **kwargs):
 
 
 dist.all_reduce = counting_all_reduce
-stop = utils.StopSignal(env, check_seconds=float(os.environ["CHECK_SECONDS"]),
-                        max_interval=int(os.environ["MAX_INTERVAL"]))
+stop = utils.StopSignal(env)
 signal_at, stopped = int(os.environ["SIGNAL_AT"]), None
 for step in range(1, 1001):
     time.sleep(0.002 * (env.rank + 1))  # rank 1 is the slow one

@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 from data import DataError, ShardSampler, TrainSampler, build_datasets, load_rgb
+from utils import UsageError
 from conftest import ROOT, make_folder, make_imagenet, photo
 
 
@@ -447,11 +448,12 @@ def test_device_decode_names_a_corrupt_jpeg(tmp_path):
 
 
 def test_decode_gpu_refuses_what_it_cannot_do(tmp_path):
+    import train  # the refusals are train.py's argument checks, before any data is read
     root = make_imagenet(tmp_path)
-    with pytest.raises(DataError, match="--autoaugment runs in the loader workers"):
-        build_datasets(root, 32, 40, autoaugment=True, decode="gpu")
-    with pytest.raises(DataError, match="--data demo has none; use --decode cpu"):
-        build_datasets("demo", 32, 40, decode="gpu")
+    for flags, message in ((["--data", root, "--autoaugment"], "--autoaugment runs in the loader workers"),
+                           (["--data", "demo"], "--data demo has none; use --decode cpu")):
+        with pytest.raises(UsageError, match=message):
+            train.resolve_args(train.parse_args([*flags, "--decode", "gpu"]))
     train, val = build_datasets(root, 32, 40, decode="gpu")
     assert isinstance(train.transform, data.EncodedTrainTransform) and isinstance(val.transform, data.ValTransform)
 

@@ -91,13 +91,14 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_says_what_is_neede
     # A checkpoint of this model (B0, 3 classes, RMSprop) is 46 MB: the second does not fit beside the first.
     args = quick(data_root, small_disk, "--batch-size", "4", "--epochs", "1", "--save-every-steps", "1")
     assert train.main(args) == train.EXIT_DISK_FULL
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
+    assert len(out) == 1
     assert out[-1].startswith(f"error: no space left in {small_disk} for last.pt: it needs about 46 MB, "), out[-1]
-    assert out[-1].endswith(f"are free ({small_disk / 'last.pt'} is kept as it was). Free space there (or move the "
+    assert out[-1].endswith(f"are free ({small_disk / 'last.pt'} kept as it was). Free space there (or move the "
                             f"folder and pass it as --output-dir), then rerun with --resume auto")
     state = utils.load_checkpoint(str(small_disk / "last.pt"))  # whole: the save of step 1
     assert (state["epoch"], state["epoch_step"], state["step"]) == (0, 1, 1)
-    assert sorted(os.listdir(small_disk)) == [".lock", "args.json", "last.pt", "metrics.jsonl"]  # no temporary
+    assert sorted(os.listdir(small_disk)) == ["args.json", "last.pt", "metrics.jsonl"]  # no temporary
 
 
 # ------------------------------------------------------------------ another number of processes
@@ -128,7 +129,7 @@ def test_resume_on_another_number_of_processes_uses_every_image_once(data_root, 
         result = run_train([*run, *resume, "--accum-steps", str(2 // nproc)], nproc=nproc if nproc > 1 else None,
                            script=SPY, env=env)
         if step == "first":
-            stopped = re.search(r"stopped by SIGTERM at step (\d) \(epoch 1\)", result.stdout)
+            stopped = re.search(r"stopped by SIGTERM at step (\d) \(epoch 1\)", result.stderr)
             assert result.returncode != 0 and stopped, result.stderr
             assert 2 <= int(stopped[1]) <= (2 if nproc == 1 else 4)
             left = 24 - 4 * int(stopped[1])
@@ -183,3 +184,40 @@ def test_data_that_is_a_file(data_root, tmp_path, capsys):
     some_file = tmp_path / "imagenet.tar"
     some_file.write_bytes(b"not a folder")
     fails_with(capsys, quick(some_file, tmp_path / "out"), f"data folder {some_file} is a file, not a folder")
+
+
+# ------------------------------------------------------------- inputs that must never start a run
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--mean", "0.5", "nan", "0.5"], "--mean must be a finite number, got 0.5 nan 0.5"),
+    (["--image-size", "0"], "--image-size must be positive, got 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must not be negative, got -1.0"),
+    (["--num-classes", "2"], "--num-classes 2 is smaller than the 3 classes of --data"),
+])
+def test_bad_numbers_are_refused_before_any_folder_is_made(data_root, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    fails_with(capsys, quick(data_root, out, *extra), message)
+    assert not out.exists()
+
+
+def test_output_dir_that_cannot_be_a_folder_is_refused(data_root, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    fails_with(capsys, quick(data_root, a_file), f"--output-dir {a_file}: {a_file} is a file, not a folder")
+    fails_with(capsys, quick(data_root, a_file / "run"), f"--output-dir {a_file / 'run'}: {a_file} is a file")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: fake a read-only folder
+    fails_with(capsys, quick(data_root, tmp_path / "run"), f"--output-dir {tmp_path / 'run'}: no permission to "
+               f"write in {tmp_path}; choose another --output-dir")
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_classes_than_the_data_and_a_long_warmup_run_with_one_line_each(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(quick(data_root, out, "--num-classes", "5", "--epochs", "1", "--steps-per-epoch", "1")) == 0
+    stdout = capsys.readouterr().out
+    assert "note: --num-classes 5: 2 outputs more than the 3 classes of --data" in stdout
+    assert "warning: the warmup (16 epochs) is not shorter than the run (1 epochs)" in stdout
+    assert torch.load(out / "last.pt", weights_only=True)["model"]["classifier.weight"].shape[0] == 5
+    assert not (out / ".lock").exists()  # the lock ends with the run

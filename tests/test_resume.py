@@ -1,5 +1,6 @@
 """Days-long runs: exact resume, preemption by signal, atomic checkpoints, non-finite losses."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -116,9 +117,10 @@ def test_one_epoch_then_resume_equals_uninterrupted(data_root, reference, tmp_pa
     assert first.returncode == 0, first.stderr
     assert "ran 1 epoch(s) as asked (--run-epochs); continue with --resume auto" in first.stdout
     assert len(read_metrics(tmp_path)) == 1
-    second = run_train(["--data", data_root, "--output-dir", tmp_path, *RUN, "--resume", "auto"])
+    # The run's folder is all a requeue needs: data, sizes, batch, schedule, EMA and mixup are its own.
+    second = run_train(["--output-dir", tmp_path, "--resume", "auto"])
     assert second.returncode == 0, second.stderr
-    assert f"resuming from {tmp_path / 'last.pt'}" in second.stdout
+    assert f"resuming from {tmp_path / 'last.pt'}" in second.stdout and "note:" not in second.stdout
     assert_same_run(tmp_path, reference)
 
 
@@ -128,7 +130,8 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(data_root, reference
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 75, err
-    assert "stopped by SIGTERM at step" in out and "Requeue with --resume auto" in out
+    assert "stopped by SIGTERM at step" in err and "Continue with the same command and --resume auto" in err, err
+    assert "stopped by" not in out and "Traceback" not in err
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and 3 <= state["epoch_step"] < 12  # mid-epoch, right after the signal
     resumed = run_train(["--data", data_root, "--output-dir", tmp_path, *RUN, "--resume", "auto"])
@@ -144,7 +147,7 @@ def test_sigusr1_to_one_rank_stops_both_then_resume_equals_uninterrupted(data_ro
     os.kill(rank_pid(process.pid, 1), signal.SIGUSR1)  # SLURM's warning signal, to rank 1 only
     out, err = process.communicate(timeout=300)
     assert process.returncode != 0  # torchrun reports the ranks' exit code 75 as a failure
-    assert "stopped by SIGUSR1 at step" in out
+    assert "stopped by SIGUSR1 at step" in err
     assert "exitcode  : 75" in err
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and 3 <= state["epoch_step"] < 12 and len(state["ranks"]) == 2
@@ -267,12 +270,12 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path
                         "--log-every", "100"], script=SPY, env={"SPY_DIR": str(spy), "SPY_NAN_STEPS": "15-100"})
     assert result.returncode == 3, result.stderr
     assert ("error: the loss was not finite at step 15 (epoch 2); stopped without saving "
-            f"({out / 'last.pt'} kept as it was)") in result.stdout
+            f"({out / 'last.pt'} kept as it was)") in result.stderr
     state = torch.load(out / "last.pt", weights_only=True)  # the end of epoch 1, not step 16
     assert (state["epoch"], state["epoch_step"], state["step"]) == (1, 0, 12)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert len(read_metrics(out)) == 1
-    assert sorted(os.listdir(out)) == [".lock", "args.json", "best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["args.json", "best.pt", "last.pt", "metrics.jsonl"]
 
 
 def test_nonfinite_watch_counts_runs_of_bad_steps():
@@ -291,3 +294,80 @@ def test_fp16_on_cpu_is_refused(data_root, tmp_path, capsys):
     import train
     assert train.main(["--data", data_root, "--amp", "fp16", "--output-dir", str(tmp_path)]) == 2
     assert "--amp fp16 is for GPUs: on the CPU use --amp bf16 or --amp off" in capsys.readouterr().err
+
+
+# --------------------------------------------------------- Ctrl-C and the requeue of a fine-tune
+
+def test_ctrl_c_saves_exits_130_without_traceback_then_resume_equals_uninterrupted(data_root, reference, tmp_path):
+    cmd = [sys.executable, TRAIN, "--data", data_root, "--output-dir", tmp_path, *RUN]
+    process = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    wait_for_line(process, "epoch 2/2 step 3/12")
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C does: the process and its loader workers
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert [line for line in err.splitlines() if "stopped by" in line] == [
+        line for line in err.splitlines() if line.strip()], err  # one line: what happened and how to go on
+    assert "stopped by SIGINT at step" in err and f"--resume auto --output-dir {tmp_path} (exit code 130)" in err
+    assert not (tmp_path / ".lock").exists()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and 3 <= state["epoch_step"] < 12
+    resumed = run_train(["--output-dir", tmp_path, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    stop = utils.StopSignal(utils.Dist())
+    try:
+        stop._record(signal.SIGINT, None)
+        assert stop.requested() and stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            stop._record(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def finetune(data_root, tmp_path_factory):
+    """Public-like weights of 1000 classes, and the uninterrupted one-epoch fine-tune from them with
+    the requeue command (--weights and --resume auto in one command line)."""
+    import efficientnet
+    folder = tmp_path_factory.mktemp("finetune")
+    torch.save(efficientnet.create_model("b0").state_dict(), folder / "weights.pth")
+    command = ["--data", data_root, *RUN, "--epochs", "1", "--warmup-epochs", "0.5", "--save-every-steps", "3",
+               "--weights", folder / "weights.pth", "--resume", "auto"]
+    result = run_train(["--output-dir", folder / "reference", *command])
+    assert result.returncode == 0, result.stderr
+    assert "classifier re-initialised: 1000 -> 3 classes" in result.stdout
+    return command, folder / "reference"
+
+
+def test_requeued_fine_tune_with_the_same_command_equals_one_run(finetune, tmp_path):
+    command, reference = finetune
+    first = run_train(["--output-dir", tmp_path, *command], script=SPY,
+                      env={"SPY_DIR": str(tmp_path), "SPY_WATCH": str(tmp_path / "none"), "SPY_SIGTERM_AT": "5"})
+    assert first.returncode == 75, first.stderr
+    second = run_train(["--output-dir", tmp_path, *command])
+    assert second.returncode == 0, second.stderr
+    weights = command[command.index("--weights") + 1]
+    assert f"note: --weights {weights} is not loaded: the run continues from its checkpoint" in second.stdout
+    assert json.load(open(tmp_path / "args.json"))["weights"] == str(weights)  # where the run started
+    assert_same_run(tmp_path, reference)
+
+
+def test_torchrun_restart_of_a_fine_tune_equals_one_run(finetune, tmp_path):
+    command, reference = finetune
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
+         TRAIN, "--output-dir", str(tmp_path), *map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    wait_for_line(process, "epoch 1/1 step 8/12")
+    os.kill(rank_pid(process.pid, 0), signal.SIGKILL)  # torchrun starts the same command again
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert f"resuming from {tmp_path / 'last.pt'}" in out
+    assert_same_run(tmp_path, reference)

@@ -116,11 +116,14 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
     result = run_train(["--data", tiny_data, "--output-dir", out, "--epochs", "2", "--warmup-epochs", "1",
                         "--workers", "1", *TINY])
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(out)) == [".lock", "args.json", "best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["args.json", "best.pt", "last.pt", "metrics.jsonl"]
     assert "global batch 4 = 4 x 1 process(es) x 1 accumulation; lr 0.08 per 4096 -> 7.8125e-05" in result.stdout
     assert "on cpu, amp off, NCHW, lean activations" in result.stdout
     args = json.load(open(out / "args.json"))
     assert args["arch"] == "b0" and args["weight_decay"] == 1e-5 and args["dropout"] == 0.2
+    assert (args["output_dir"], args["num_classes"], args["channels_last"], args["lean_activations"],
+            args["amp"], args["batch_size"]) == (str(out), 3, False, True, "off", 4)  # resolved, not null
+    assert [k for k, v in args.items() if v is None] == ["weights", "resume"]
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
@@ -136,11 +139,17 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
     best = torch.load(out / "best.pt", weights_only=True)
     best_epoch = max(range(2), key=lambda i: (rows[i]["val_top1"], -i))  # first epoch with the best top-1
     assert best["epoch"] == best_epoch + 1 and best["best_top1"] == rows[best_epoch]["val_top1"]
-    evaluation = run_train(["--evaluate", "--resume", out / "last.pt", "--data", tiny_data, *TINY])
+    # The checkpoint's own data, 32 px and eval resize: no flag repeated.
+    evaluation = run_train(["--evaluate", "--resume", out / "last.pt"])
     assert evaluation.returncode == 0, evaluation.stderr
     result = last_json(evaluation.stdout)
     assert result == {"top1": rows[-1]["val_top1"], "top5": rows[-1]["val_top5"],
                       "loss": rows[-1]["val_loss"], "images": 9}
+    other = run_train(["--evaluate", "--resume", out / "last.pt", "--image-size", "48", "--workers", "0"])
+    assert other.returncode == 0, other.stderr
+    assert ("note: the command line changes the run's --image-size 32 -> 48; its other settings are the "
+            "checkpoint's") in other.stdout
+    assert last_json(other.stdout)["loss"] != result["loss"]  # evaluated at 48 px (resize 80), as asked
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -175,7 +184,7 @@ def test_two_processes_agree_count_once_and_only_rank0_writes(tiny_data, tmp_pat
     assert "global batch 16 = 4 x 2 process(es) x 2 accumulation; lr 0.08 per 4096 -> 0.0003125" in result.stdout
     ranks = [json.load(open(spy / f"rank{r}.json")) for r in range(2)]
     assert ranks[1]["writes"] == []  # rank 1 opened, renamed, linked or saved nothing in the run folder
-    assert sorted(os.listdir(out)) == [".lock", "args.json", "best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["args.json", "best.pt", "last.pt", "metrics.jsonl"]
     # Each evaluation counted the 9 val images once in total (shards of 5 and 4) and both ranks
     # report the same numbers: the model and the EMA, two epochs.
     assert len(ranks[0]["evaluations"]) == 4
@@ -295,7 +304,8 @@ def test_checkpoint_of_another_arch_and_occupied_output_dir(tiny_data, tmp_path,
             "--steps-per-epoch", "1", "--eval-every", "0"]
     assert train.main([str(a) for a in args]) == 0
     capsys.readouterr()
-    fails_with(capsys, [*args, "--arch", "b1", "--resume", out / "last.pt"], "checkpoint is for b0, not b1: pass --arch b0")
+    fails_with(capsys, [*args, "--arch", "b1", "--resume", out / "last.pt"],
+               "checkpoint is for b0, not b1: leave --arch out (or pass --arch b0)")
     fails_with(capsys, args, f"{out} already holds a run (last.pt): continue it with --resume auto")
     handle = utils.lock_run_dir(str(out))  # as if a run were still writing there
     try:
@@ -383,11 +393,12 @@ def test_tf_arch_run_remembers_padding_and_normalisation_on_resume(tiny_data, tm
     assert (saved["mean"], saved["std"]) == ([0.5] * 3, [0.5] * 3)
     capsys.readouterr()
     resume = common + ["--epochs", "2", "--resume", out / "last.pt"]
-    fails_with(capsys, [*resume, "--arch", "b0", *advprop], "checkpoint is for tf_b0, not b0: pass --arch tf_b0")
-    fails_with(capsys, [*resume, "--arch", "tf_b0"],
-               "checkpoint was trained with --mean 0.5 0.5 0.5, not 0.485 0.456 0.406: pass --mean 0.5 0.5 0.5")
-    assert train.main([str(a) for a in [*resume, "--arch", "tf_b0", *advprop]]) == 0  # timm's name or the short one
+    fails_with(capsys, [*resume, "--arch", "b0"], "checkpoint is for tf_b0, not b0: leave --arch out (or pass --arch tf_b0)")
+    assert train.main([str(a) for a in resume]) == 0  # arch, BatchNorm, mean and std: the run's own
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    assert json.load(open(out / "args.json")) | {"epochs": 1, "resume": None} == saved
+    assert train.main([str(a) for a in [*common, "--epochs", "3", "--resume", out / "last.pt", "--arch", "tf_b0"]]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3  # the short name is the same arch
 
 
 @pytest.mark.parametrize("name,interpolation,mean,std", [
