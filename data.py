@@ -38,13 +38,13 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BICUBIC = Image.Resampling.BICUBIC
 DEMO_CLASSES = ("disc", "ring", "square", "frame", "triangle", "cross",
                 "horizontal", "vertical", "diagonal", "checker")
 DEMO_SIZES = {"train": 2560, "val": 500}
 SYNTHETIC_SIZES = {"train": 1_281_167, "val": 50_000}  # ImageNet-1k, so epochs last as long
-BUILT_IN = ("demo", "synthetic")  # --data names of the data sets made in memory
+BUILT_IN_DATA = ("demo", "synthetic")  # --data names that are not folders
 
 
 class DataError(Exception):
@@ -90,14 +90,31 @@ def read_file(path, retries=None):
             time.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
 
 
+def is_16_bit_gray(mode):
+    """PIL's modes of one-channel images deeper than 8 bits: I;16 (16-bit PNG, TIFF), I;16B, I;16L,
+    and I (32-bit integers: Pillow's mode for 16-bit PGM, 32-bit TIFF). Pillow's own
+    conversion to RGB clips these at 255 (a 16-bit photo turns almost white)."""
+    return mode == "I" or mode.startswith("I;16")
+
+
+def to_8_bit(img):
+    """A 16-bit grayscale PIL image -> mode L, each value v as v >> 8 (its high byte: what Pillow
+    itself keeps of 16-bit RGB PNGs and TIFFs). Mode I values outside 0..65535 are clipped first."""
+    values = np.asarray(img).astype(np.int64).clip(0, 65535)
+    return Image.fromarray((values >> 8).astype(np.uint8))  # 2-D uint8: mode L
+
+
 def load_rgb(path, encoded=None):
     """Decode any image file (or its bytes `encoded`, read from `path`) to an RGB PIL image; a file
-    that cannot be decoded raises DataError."""
+    that cannot be decoded raises DataError. 16-bit samples are scaled to 8 bits (to_8_bit; Pillow
+    opens 16-bit RGB(A) files as 8-bit RGB(A) already), GIFs give their first frame."""
     try:
         with Image.open(path if encoded is None else io.BytesIO(encoded)) as img:
             img.load()
             if img.mode == "RGB":
                 return img
+            if is_16_bit_gray(img.mode):
+                return to_8_bit(img).convert("RGB")
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
             return img.convert("RGB")  # grayscale, CMYK (incl. Adobe's inverted JPEGs), RGBA: drop alpha
@@ -329,20 +346,55 @@ def find_classes(folder):
     return classes
 
 
+def is_image_name(name):
+    """Whether the loaders take a file of this name: an image extension (IMG_EXTENSIONS, any case)
+    and not hidden. Dotfiles are metadata even with an image extension (macOS's ._x.JPEG)."""
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def list_class_folder(folder):
+    """(image files, other entries) of one class folder, as sorted paths. The others are what the
+    data set leaves out: files that is_image_name refuses, broken links, and subfolders (with a
+    trailing separator: their images are not searched)."""
+    images, others = [], []
+    for entry in os.scandir(folder):
+        if entry.is_file() and is_image_name(entry.name):
+            images.append(entry.path)
+        else:
+            others.append(entry.path + os.sep if entry.is_dir() else entry.path)
+    return sorted(images), sorted(others)
+
+
+def skipped_note(*datasets, show=5):
+    """The line to print at start about what these datasets' class folders hold besides images
+    ("skipped 3 files that are not images: ..."), naming the first `show`; None when nothing was."""
+    skipped = sorted(path for d in datasets for path in getattr(d, "skipped_files", ()))
+    if not skipped:
+        return None
+    kinds = "files and folders" if any(path.endswith(os.sep) for path in skipped) else "files"
+    more = f" and {len(skipped) - show} more" if len(skipped) > show else ""
+    return f"skipped {len(skipped)} {kinds} that are not images: {', '.join(skipped[:show])}{more}"
+
+
 class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>: torchvision's ImageFolder, flat class folders. `skipped_files` lists
+    (sorted paths) what the class folders hold besides images: see list_class_folder."""
+
     def __init__(self, root, transform, seed=0):
         self.root, self.transform, self.seed = root, transform, seed
         self.read_retries = RetryCount()
         self.classes = find_classes(root)
-        self.samples = []
+        self.samples, self.skipped_files = [], []
         for label, name in enumerate(self.classes):
             folder = os.path.join(root, name)
-            files = sorted(entry.path for entry in os.scandir(folder)
-                           if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS))
+            files, others = list_class_folder(folder)
             if not files:
-                raise DataError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+                held = f", only {', '.join(others[:3])}{more}" if others else ""
+                raise DataError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}){held}; "
                                 f"remove it or add its images")
             self.samples += [(path, label) for path in files]
+            self.skipped_files += others
 
     def __len__(self):
         return len(self.samples)
@@ -437,6 +489,9 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
     """(train, val) datasets for DATA, 'demo' or 'synthetic'; train is None without `with_train`
     (evaluation only: DATA/train need not exist). Train and val must have the same classes.
     decode="gpu": the train set yields EncodedSamples for DeviceLoader to decode (DATA only)."""
+    if data in BUILT_IN_DATA and os.path.isdir(data):  # refused, not shadowed: ./demo names the folder
+        raise DataError(f"--data {data} names the built-in {data} set, but ./{data} is also a folder here: pass "
+                        f"--data ./{data} to train on the folder, or run from another directory for the built-in set")
     if data == "synthetic":
         return Synthetic("train", image_size, seed) if with_train else None, Synthetic("val", image_size, seed)
     train_tf = EncodedTrainTransform(image_size, min_crop_scale) if decode == "gpu" else \
@@ -672,33 +727,49 @@ def mixup(images, labels, num_classes, lam):
 # ---------------------------------------------------------------------------------------------
 # python data.py check DATA
 
+def conversion(mode):
+    """What load_rgb does to an image of PIL `mode` that is not RGB, in words."""
+    if is_16_bit_gray(mode):
+        return "16-bit grayscale, scaled to 8 bits" if mode != "I" else \
+            "integer grayscale, scaled from 16 to 8 bits (above 65535: white)"
+    return {"L": "grayscale, copied to R, G and B", "1": "black and white, copied to R, G and B",
+            "P": "palette colours", "CMYK": "CMYK, converted to RGB", "F": "float grayscale, clipped to 0..255",
+            "RGBA": "alpha dropped", "LA": "grayscale, alpha dropped", "PA": "palette colours, alpha dropped",
+            }.get(mode, "converted to RGB")
+
+
 def _inspect(path):
-    """(path, problem or None, odd format or None) for one file, decoded fully."""
+    """(path, problem or None, odd format or None) for one file, decoded fully as load_rgb does."""
     try:
         with Image.open(path) as img:
-            fmt, mode = img.format, img.mode
+            fmt, mode, frames = img.format, img.mode, getattr(img, "n_frames", 1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 img.load()
+                transparent = "transparency" in img.info
     except Exception as e:  # every failure is a finding here, whatever its type
         return path, f"{type(e).__name__}: {e}", None
     ext = os.path.splitext(path)[1].lower()
     odd = []
     if mode != "RGB":
-        odd.append(f"mode {mode}")
+        alpha = ", alpha dropped" if transparent and mode not in ("RGBA", "LA", "PA") else ""
+        odd.append(f"mode {mode}, {conversion(mode)}{alpha}")
+    if frames > 1:
+        odd.append(f"{frames} frames, the first one used")
     if ext in (".jpg", ".jpeg") and fmt != "JPEG":
         odd.append(f"{fmt} file named {ext}")
-    return path, None, ", ".join(odd) or None
+    return path, None, "; ".join(odd) or None
 
 
 def check(root, workers):
     from multiprocessing import Pool
 
     from tqdm import tqdm
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                   if f.lower().endswith(IMG_EXTENSIONS))
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names)
+    paths = [p for p in files if is_image_name(os.path.basename(p))]
+    skipped = [p for p in files if not is_image_name(os.path.basename(p))]
     if not paths:
-        raise DataError(f"no image files under {root}")
+        raise DataError(f"no image files under {root} ({', '.join(IMG_EXTENSIONS)})")
     bad, odd = [], []
     with Pool(workers) as pool:
         for path, problem, oddity in tqdm(pool.imap_unordered(_inspect, paths, chunksize=64),
@@ -707,16 +778,85 @@ def check(root, workers):
                 bad.append((path, problem))
             elif oddity:
                 odd.append((path, oddity))
+    for path in skipped:
+        print(f"not an image (training skips it): {path}")
     for path, oddity in sorted(odd):
         print(f"odd format (loads as RGB): {path}: {oddity}")
     for path, problem in sorted(bad):
         print(f"UNDECODABLE: {path}: {problem}")
-    print(f"checked {len(paths)} files: {len(bad)} undecodable, {len(odd)} odd formats")
+    print(f"checked {len(paths)} files: {len(bad)} undecodable, {len(odd)} odd formats; "
+          f"{len(skipped)} files skipped as not images")
     return 1 if bad else 0
 
 
 # ---------------------------------------------------------------------------------------------
 # python data.py sort-val VAL --labels FILE
+
+WNID = re.compile(r"n[0-9]{8}")  # a WordNet id: the only class names sort-val creates folders for
+LABEL_FILES = "expected LOC_val_solution.csv, one wnid per line, or the devkit's ILSVRC2012_validation_ground_truth.txt"
+
+
+def read_label_lines(labels):
+    """[(line number, text)] of the non-blank lines of a text file; DataError when it is not text or
+    holds none."""
+    try:
+        with open(labels, encoding="utf-8-sig") as f:
+            lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"{labels} is not a text file: {LABEL_FILES}") from None
+    if not lines:
+        raise DataError(f"{labels} is empty: {LABEL_FILES}")
+    return lines
+
+
+def wnid_at(labels, n, text):
+    """`text`, the class of line `n` of `labels`, if it is a WordNet id: a plain folder name."""
+    if not WNID.fullmatch(text):
+        raise DataError(f"{labels} line {n}: class {text[:40]!r} is not a WordNet id (n and 8 digits, e.g. "
+                        f"n01440764): sort-val makes a folder of each class, and takes no other names")
+    return text
+
+
+def read_kaggle_labels(labels, rows):
+    """{image id: wnid} from LOC_val_solution.csv's rows [(line number, 'id,wnid x y x y ...')]."""
+    labelled, line_of = {}, {}
+    for n, text in rows:
+        image_id, comma, prediction = text.partition(",")
+        image_id, tokens = image_id.strip(), prediction.split()
+        if not comma or not image_id or not tokens:
+            raise DataError(f"{labels} line {n}: {text[:40]!r} is not 'ImageId,PredictionString' (e.g. "
+                            f"'ILSVRC2012_val_00000001,n01751748 50 40 300 200')")
+        if image_id in labelled:
+            raise DataError(f"{labels} line {n}: image {image_id} again (first on line {line_of[image_id]})")
+        labelled[image_id], line_of[image_id] = wnid_at(labels, n, tokens[0]), n
+    if not labelled:
+        raise DataError(f"{labels} has a header but no labels")
+    return labelled
+
+
+def read_devkit_meta(meta):
+    """{ILSVRC2012_ID: wnid} of the 1000 leaf synsets in the devkit's meta.mat."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError("reading the devkit's meta.mat needs scipy (pip install scipy), or use Kaggle's "
+                        "LOC_val_solution.csv instead") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            synsets = loadmat(meta, squeeze_me=True)["synsets"]
+        wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    except OSError:
+        raise
+    except Exception as e:  # scipy's many ways to refuse a file that is not the devkit's
+        raise DataError(f"{meta} is not the devkit's meta.mat ({type(e).__name__}: {e}); "
+                        f"pass DEVKIT/data/meta.mat") from None
+    bad = [w for w in wnid_of.values() if not WNID.fullmatch(w)]
+    if not wnid_of or bad:
+        problem = f"{bad[0][:40]!r} is not a WordNet id" if bad else "no leaf synsets"
+        raise DataError(f"{meta} is not the devkit's meta.mat: {problem}; pass DEVKIT/data/meta.mat")
+    return wnid_of
+
 
 def read_val_labels(labels, meta=None):
     """The wnid of each val image from one of the three published label files:
@@ -724,31 +864,27 @@ def read_val_labels(labels, meta=None):
     - one wnid per line in file-name order (e.g. TF-slim's imagenet_2012_validation_synset_labels.txt);
     - the devkit's ILSVRC2012_validation_ground_truth.txt (ILSVRC2012_IDs 1..1000 in file-name order,
       an order that is NOT the sorted-wnid one) with the devkit's meta.mat to map them (needs scipy).
-    Returns a dict {image id: wnid} for the first, a list in file-name order for the others."""
-    with open(labels) as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if lines and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
-        return {image_id: prediction.split()[0] for image_id, prediction in
-                (line.split(",", 1) for line in lines[1:])}
-    if all(re.fullmatch(r"n\d{8}", line) for line in lines):
-        return lines
-    if not all(line.isdigit() for line in lines):
-        raise DataError(f"{labels} is not a val label file: expected LOC_val_solution.csv, one wnid per "
-                        f"line, or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    Returns a dict {image id: wnid} for the first, a list in file-name order for the others.
+    The file is untrusted: the whole of it is checked, and every class must be a WordNet id (so a
+    plain folder name, never a path), else DataError naming the line."""
+    lines = read_label_lines(labels)
+    if lines[0][1].replace(" ", "").lower().startswith("imageid,predictionstring"):
+        return read_kaggle_labels(labels, lines[1:])
+    if WNID.fullmatch(lines[0][1]):
+        return [wnid_at(labels, n, text) for n, text in lines]
+    if not re.fullmatch(r"[0-9]+", lines[0][1]):
+        raise DataError(f"{labels} is not a val label file (line {lines[0][0]}: {lines[0][1][:40]!r}): {LABEL_FILES}")
+    for n, text in lines:
+        if not re.fullmatch(r"[0-9]+", text):
+            raise DataError(f"{labels} line {n}: {text[:40]!r} is not an ILSVRC2012_ID (a number, 1 to 1000)")
     if meta is None:
         raise DataError(f"{labels} holds ILSVRC2012_IDs, whose order is not the wnids' order: add --meta "
                         f"DEVKIT/data/meta.mat to map them")
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise DataError("reading the devkit's meta.mat needs scipy (pip install scipy), or use Kaggle's "
-                        "LOC_val_solution.csv instead") from None
-    synsets = loadmat(meta, squeeze_me=True)["synsets"]
-    wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-    try:
-        return [wnid_of[int(line)] for line in lines]
-    except KeyError as e:
-        raise DataError(f"{labels} has ILSVRC2012_ID {e.args[0]}, which {meta} does not list as a class") from None
+    wnid_of = read_devkit_meta(meta)
+    for n, text in lines:
+        if int(text) not in wnid_of:
+            raise DataError(f"{labels} line {n} has ILSVRC2012_ID {int(text)}, which {meta} does not list as a class")
+    return [wnid_of[int(text)] for _, text in lines]
 
 
 def sort_val(val_dir, labels, meta=None, out=None):
@@ -759,9 +895,9 @@ def sort_val(val_dir, labels, meta=None, out=None):
         raise DataError(f"val folder {val_dir} does not exist")
     out = out or val_dir
     labelled = read_val_labels(labels, meta)
-    loose = sorted(e.name for e in os.scandir(val_dir) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    loose = sorted(e.name for e in os.scandir(val_dir) if e.is_file() and is_image_name(e.name))
     placed = {e.name: c.name for c in os.scandir(out) if c.is_dir()
-              for e in os.scandir(c.path) if e.is_file()} if os.path.isdir(out) else {}
+              for e in os.scandir(c.path) if e.is_file() and is_image_name(e.name)} if os.path.isdir(out) else {}
     if isinstance(labelled, list):  # in file-name order: pair with every image, loose or sorted
         names = sorted(set(loose) | set(placed))
         if len(names) != len(labelled):

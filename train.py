@@ -247,7 +247,7 @@ def check_flag_combinations(args, checkpoint):
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or leave the flag out)") from None
-    if args.decode == "gpu" and not args.evaluate and args.data in data.BUILT_IN:
+    if args.decode == "gpu" and not args.evaluate and args.data in data.BUILT_IN_DATA:
         raise UsageError(f"--decode gpu decodes image files, and --data {args.data} has none; use --decode cpu")
     if args.decode == "gpu" and not args.evaluate and args.autoaugment:
         # AutoAugment works on one uint8 image at a time; on the GPU that is a chain of small

@@ -1,8 +1,11 @@
+import importlib.util
 import io
 import os
 import random
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -92,6 +95,84 @@ def test_odd_files_load_as_rgb(tmp_path):
     # CMYK really is converted (not read as garbage): close to the original colours.
     cmyk = np.asarray(load_rgb(str(tmp_path / "cmyk.jpg")), dtype=np.float32)
     assert np.abs(cmyk - base).mean() < 8
+
+
+def png_16_bit(path, values):
+    """Write uint16 (H, W) or (H, W, 3) `values` as a 16-bit gray or RGB PNG (PIL writes no 16-bit RGB)."""
+    h, w = values.shape[:2]
+    color = 2 if values.ndim == 3 else 0
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)  # filter 0 per row
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def pnm_16_bit(path, values):
+    """Write uint16 `values` as a PGM (H, W) or PPM (H, W, 3) of maxval 65535."""
+    h, w = values.shape[:2]
+    with open(path, "wb") as f:
+        f.write(b"P6" if values.ndim == 3 else b"P5")
+        f.write(b" %d %d 65535\n" % (w, h) + values.astype(">u2").tobytes())
+
+
+SIXTEEN_BIT_FILES = {  # name: (writer of uint16 values, the mode Pillow 13 opens the file as)
+    "gray.png": (png_16_bit, "I;16"),
+    "gray_big_endian.tif": (lambda p, v: Image.frombytes("I;16B", v.shape[::-1], v.astype(">u2").tobytes()).save(p),
+                            "I;16B"),
+    "gray.tif": (lambda p, v: Image.fromarray(v).save(p), "I;16"),
+    "gray.pgm": (pnm_16_bit, "I"),
+    "gray_32_bit.tif": (lambda p, v: Image.fromarray(v.astype(np.int32)).save(p), "I"),
+    "rgb.png": (png_16_bit, "RGB"),
+    "rgb.ppm": (pnm_16_bit, "RGB"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIXTEEN_BIT_FILES))
+def test_16_bit_images_scale_to_8_bits(tmp_path, name):
+    write, mode = SIXTEEN_BIT_FILES[name]
+    eight = photo(40, 30, seed=3)
+    if not name.startswith("rgb"):
+        eight = eight[..., 1]
+    path = str(tmp_path / name)
+    write(path, eight.astype(np.uint16) * 257)  # v * 257: the 16-bit value of 8-bit level v
+    with Image.open(path) as img:
+        assert img.mode == mode  # the variant this case covers
+    expected = np.asarray(Image.fromarray(eight).convert("RGB"), np.int16)
+    encoded = data.read_file(path)
+    assert data.takes_jpeg_decoder(encoded) == ((40, 30), False)  # PIL's path, not libjpeg-turbo's
+    for decoded in (load_rgb(path), data.decode_rgb(path, encoded)):
+        assert isinstance(decoded, Image.Image) and decoded.mode == "RGB"
+        pixels = np.asarray(decoded, np.int16)
+        assert np.abs(pixels - expected).max() <= 1  # clipped, 16-bit grey levels would be 255
+        assert abs(pixels.mean() - expected.mean()) <= 1
+    said = {"RGB": None,  # Pillow itself keeps the high bytes of 16-bit RGB: nothing to report
+            "I": "mode I, integer grayscale, scaled from 16 to 8 bits (above 65535: white)"}
+    assert data._inspect(path)[2] == said.get(mode, f"mode {mode}, 16-bit grayscale, scaled to 8 bits")
+
+
+def test_every_16_bit_gray_mode_keeps_the_high_byte():
+    values = np.array([[0, 255, 256, 4660, 32768, 65535]], np.uint16)
+    for mode, dtype in (("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2")):
+        img = Image.frombytes(mode, (6, 1), values.astype(dtype).tobytes())
+        assert np.asarray(data.to_8_bit(img)).tolist() == [[0, 0, 1, 18, 128, 255]], mode
+    wide = Image.fromarray(np.array([[-5, 4660, 70000]], np.int32))  # mode I: clipped to 16 bits first
+    assert np.asarray(data.to_8_bit(wide)).tolist() == [[0, 18, 255]]
+
+
+def test_gif_loads_its_first_frame(tmp_path):
+    flat = np.zeros((30, 40, 3), np.uint8)  # three flat colours: a GIF palette holds them exactly
+    flat[:15, :20], flat[:15, 20:], flat[15:] = (200, 30, 30), (30, 200, 30), (30, 30, 200)
+    frames = [Image.fromarray(flat), Image.fromarray(255 - flat)]
+    path = str(tmp_path / "anim.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    assert np.array_equal(np.asarray(load_rgb(path)), flat)
+    assert data._inspect(path)[2] == "mode P, palette colours; 2 frames, the first one used"
+    make_folder(str(tmp_path / "set"), ("a",), per_class=1)
+    os.replace(path, tmp_path / "set" / "a" / "anim.gif")
+    dataset = data.ImageFolder(str(tmp_path / "set"), data.ValTransform(24, 28))
+    assert [os.path.basename(p) for p, _ in dataset.samples] == ["a_0.jpeg", "anim.gif"]
+    assert dataset.skipped_files == [] and dataset[1][0].shape == (24, 24, 3)
 
 
 def test_truncated_and_garbage_files_raise_with_their_path(tmp_path):
@@ -237,6 +318,45 @@ def test_layout_errors_name_the_problem(tmp_path):
         build_datasets(str(only_val), 32, 40)
 
 
+def test_image_folder_names_what_it_leaves_out(tmp_path):
+    root = make_imagenet(tmp_path / "data")
+    a = os.path.join(root, "train", "a")
+    open(os.path.join(a, ".DS_Store"), "wb").write(b"\0\0\0\1Bud1")
+    open(os.path.join(a, "._a_0.jpeg"), "wb").write(b"\0\5\x16\7 macOS resource fork")  # not a JPEG
+    open(os.path.join(a, "notes.txt"), "w").write("where these came from")
+    open(os.path.join(a, "photo.heic"), "wb").write(b"ftypheic")
+    os.symlink(os.path.join(a, "gone.jpeg"), os.path.join(a, "broken.jpeg"))
+    make_folder(os.path.join(a, "more"), ("x",), per_class=1)  # a nested folder: not searched
+    train, val = build_datasets(root, 32, 40)
+    assert len(train) == 12 and not any(os.path.basename(p).startswith(".") for p, _ in train.samples)
+    names = [".DS_Store", "._a_0.jpeg", "broken.jpeg", "more" + os.sep, "notes.txt", "photo.heic"]
+    assert train.skipped_files == [os.path.join(a, n) for n in names] and val.skipped_files == []
+    assert data.skipped_note(train, val) == ("skipped 6 files and folders that are not images: "
+                                             + ", ".join(os.path.join(a, n) for n in names[:5]) + " and 1 more")
+    assert data.skipped_note(val) is None
+    loader = data.build_loader(train, TrainSampler(len(train)), 4, workers=0, train=True)
+    assert sum(len(y) for _, y in loader) == 12  # the ._ file is never decoded
+    os.makedirs(os.path.join(root, "val", "d"))  # a class folder of nothing but non-images: refused, named
+    open(os.path.join(root, "val", "d", "notes.txt"), "w").write("-")
+    with pytest.raises(DataError, match=r"val/d has no images \(.*\.gif\), only .*val/d/notes\.txt; remove it"):
+        data.ImageFolder(os.path.join(root, "val"), None)
+
+
+def test_check_command_lists_skipped_files_and_what_odd_formats_become(tmp_path, capsys):
+    root = make_imagenet(tmp_path)
+    a = os.path.join(root, "train", "a")
+    open(os.path.join(a, "._a_0.jpeg"), "wb").write(b"\0\5\x16\7 macOS resource fork")
+    open(os.path.join(a, "notes.txt"), "w").write("-")
+    gray16 = os.path.join(a, "gray16.png")
+    Image.fromarray(photo(30, 20)[..., 0].astype(np.uint16) * 257).save(gray16)
+    assert data.main(["check", root, "--workers", "1"]) == 0  # skipped files are no error
+    out = capsys.readouterr().out
+    assert f"not an image (training skips it): {os.path.join(a, '._a_0.jpeg')}\n" in out
+    assert f"not an image (training skips it): {os.path.join(a, 'notes.txt')}\n" in out
+    assert f"odd format (loads as RGB): {gray16}: mode I;16, 16-bit grayscale, scaled to 8 bits\n" in out
+    assert "checked 22 files: 0 undecodable, 1 odd formats; 2 files skipped as not images" in out
+
+
 # ------------------------------------------------------------------------------ built-in data
 
 def test_demo_and_synthetic_are_deterministic():
@@ -250,6 +370,20 @@ def test_demo_and_synthetic_are_deterministic():
     assert len(s_train) == 1_281_167 and len(s_val) == 50_000
     assert torch.equal(s_train[3][0], build_datasets("synthetic", 32, 36, seed=0)[0][3][0])
     assert s_train[3][0].shape == (32, 32, 3) and 0 <= s_train[3][1] < 1000
+
+
+def test_folder_named_like_a_built_in_set_is_refused_not_shadowed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert len(build_datasets("demo", 32, 36)[1]) == data.DEMO_SIZES["val"]  # no ./demo: the built-in set
+    make_imagenet(tmp_path / "demo")
+    os.makedirs(tmp_path / "synthetic")
+    for name in ("demo", "synthetic"):
+        with pytest.raises(DataError, match=rf"^--data {name} names the built-in {name} set, but \./{name} is also "
+                                            rf"a folder here: pass --data \./{name} to train on the folder"):
+            build_datasets(name, 32, 36)
+    train, val = build_datasets("./demo", 32, 36)
+    assert isinstance(train, data.ImageFolder) and val.classes == ["a", "b", "c"] and len(train) == 12
+    assert build_datasets("demo/", 32, 36)[1].classes == ["a", "b", "c"]
 
 
 # ----------------------------------------------------------------------------- data.py check
@@ -348,6 +482,124 @@ def test_sort_val_refuses_mismatches_and_touches_nothing(tmp_path):
     swapped.write_text("n00000002\nn00000001\nn00000001\n")
     result = run_sort_val(val, "--labels", swapped)
     assert result.returncode == 2 and "another class folder" in result.stderr
+
+
+def tree(folder):
+    """Every path under `folder`, relative: a snapshot to compare before and after."""
+    return sorted(os.path.relpath(os.path.join(d, n), folder)
+                  for d, dirs, files in os.walk(folder) for n in dirs + files)
+
+
+def sort_val_refused(capsys, val, *args):
+    """data.main's sort-val on `val` must fail with one line and exit 2; returns that line."""
+    assert data.main(["sort-val", str(val), *map(str, args)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured
+    return captured.err
+
+
+def kaggle_csv(path, rows):
+    path.write_text("ImageId,PredictionString\n" + "".join(row + "\n" for row in rows))
+    return path
+
+
+def write_meta(path, synsets):
+    """A devkit meta.mat of synsets [(ILSVRC2012_ID, wnid, num_children)]."""
+    from scipy.io import savemat
+    savemat(str(path), {"synsets": np.array(synsets, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"),
+                                                             ("num_children", "O")])})
+    return path
+
+
+@pytest.mark.parametrize("label", ["../x", "OUTSIDE", "a/b", "..", ".", ".hidden", "n00000001/../../x", "n0000001"])
+@pytest.mark.parametrize("form", ["csv", "list", "meta"])
+def test_sort_val_takes_only_class_names_and_moves_nothing_else(tmp_path, capsys, form, label):
+    label = str(tmp_path / "outside") if label == "OUTSIDE" else label
+    wnids = ["n00000001", "n00000002", "n00000001"]
+    val = make_loose_val(tmp_path / "val", wnids)
+    bad = wnids[:2] + [label]  # the last line only: the whole file is checked before anything moves
+    labels, meta = tmp_path / "labels.txt", tmp_path / "meta.mat"
+    if form == "csv":
+        kaggle_csv(labels, [f"ILSVRC2012_val_{n:08d},{w} 1 2 3 4" for n, w in enumerate(bad, 1)])
+    elif form == "list":
+        labels.write_text("\n".join(bad) + "\n")
+    else:
+        pytest.importorskip("scipy")
+        write_meta(meta, [(i, w, 0) for i, w in enumerate(bad, 1)])
+        labels.write_text("1\n2\n3\n")
+    before = tree(tmp_path)
+    error = sort_val_refused(capsys, val, "--labels", labels, *(["--meta", meta] if form == "meta" else []))
+    assert repr(label[:40]) in error and "is not a WordNet id" in error
+    named = {"csv": f"{labels} line 4: class ", "list": f"{labels} line 3: class ",  # the header is line 1
+             "meta": f"{meta} is not the devkit's meta.mat: "}[form]
+    assert error.startswith("error: " + named)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["no comma", "empty prediction", "empty image id", "header only", "twice",
+                                  "binary", "empty", "blank lines", "not labels", "word among ids"])
+def test_sort_val_malformed_label_files_give_one_line(tmp_path, capsys, case):
+    val = make_loose_val(tmp_path / "val", ["n00000001", "n00000002"])
+    labels = tmp_path / "labels"
+    row1 = "ILSVRC2012_val_00000001,n00000001 1 2 3 4"
+    content, expected = {
+        "no comma": ([row1, "ILSVRC2012_val_00000002 n00000002 1 2 3 4"], "line 3: 'ILSVRC2012_val_00000002 n0000"),
+        "empty prediction": ([row1, "ILSVRC2012_val_00000002,"], "line 3: 'ILSVRC2012_val_00000002,' is not 'ImageId,"),
+        "empty image id": ([row1, ",n00000002 1 2 3 4"], "line 3: ',n00000002 1 2 3 4' is not 'ImageId,"),
+        "header only": ([], "has a header but no labels"),
+        "twice": ([row1, row1.replace("n00000001", "n00000002")],
+                  "line 3: image ILSVRC2012_val_00000001 again (first on line 2)"),
+    }.get(case, (None, None))
+    if content is not None:
+        kaggle_csv(labels, content)
+    elif case == "binary":
+        buf = io.BytesIO()
+        Image.fromarray(photo(20, 20)).save(buf, "JPEG")
+        labels.write_bytes(buf.getvalue())
+        expected = "is not a text file"
+    elif case in ("empty", "blank lines"):
+        labels.write_text("" if case == "empty" else "\n  \n\n")
+        expected = "is empty"
+    elif case == "not labels":
+        labels.write_text("cat\ndog\n")
+        expected = "is not a val label file (line 1: 'cat')"
+    else:
+        labels.write_text("490\nn00000001\n")
+        expected = "line 2: 'n00000001' is not an ILSVRC2012_ID"
+    before = tree(tmp_path)
+    error = sort_val_refused(capsys, val, "--labels", labels)
+    assert error.startswith(f"error: {labels}") and expected in error
+    assert tree(tmp_path) == before
+
+
+def test_sort_val_devkit_ground_truth_with_meta(tmp_path, capsys):
+    """The devkit form end to end (needs scipy), and its meta.mat checked: a file that is not one,
+    an ID it does not list, a synset with children (not a class)."""
+    wnids = ["n00000002", "n00000001", "n00000002"]
+    val = make_loose_val(tmp_path / "val", wnids)
+    open(val / "._ILSVRC2012_val_00000001.JPEG", "wb").write(b"\0\5\x16\7")  # macOS metadata: not an image
+    truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("2\n1\n2\n")
+    if importlib.util.find_spec("scipy") is None:
+        assert "needs scipy" in sort_val_refused(capsys, val, "--labels", truth, "--meta", tmp_path / "meta.mat")
+        pytest.skip("scipy is not installed: the devkit form is refused, in one line")
+    garbage = tmp_path / "garbage.mat"
+    garbage.write_bytes(b"MATLAB? no. " * 20)
+    before = tree(tmp_path)
+    assert sort_val_refused(capsys, val, "--labels", truth, "--meta", garbage).startswith(
+        f"error: {garbage} is not the devkit's meta.mat (ValueError: ")
+    meta = write_meta(tmp_path / "meta.mat", [(1, "n00000001", 0), (2, "n00000002", 0), (3, "n00000003", 2)])
+    truth3 = tmp_path / "truth3.txt"
+    truth3.write_text("2\n3\n2\n")
+    assert f"line 2 has ILSVRC2012_ID 3, which {meta} does not list as a class" in sort_val_refused(
+        capsys, val, "--labels", truth3, "--meta", meta)
+    assert tree(tmp_path) == sorted(before + ["meta.mat", "truth3.txt"])
+    assert data.main(["sort-val", str(val), "--labels", str(truth), "--meta", str(meta)]) == 0
+    assert "moved 3 images" in capsys.readouterr().out
+    assert tree(val) == ["._ILSVRC2012_val_00000001.JPEG",  # left where it was
+                         "n00000001", "n00000001/ILSVRC2012_val_00000002.JPEG", "n00000002",
+                         "n00000002/ILSVRC2012_val_00000001.JPEG", "n00000002/ILSVRC2012_val_00000003.JPEG"]
+
 
 # ------------------------------------------------------------------- faster decoding, GPU path
 
