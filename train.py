@@ -699,6 +699,9 @@ def build_data(r, checkpoint):
         args.data, args.image_size, args.val_resize, args.seed, args.min_crop_scale, args.autoaugment,
         with_train=not args.evaluate, decode="cpu" if args.evaluate else args.decode,
         val_interpolation=args.val_interpolation)
+    skipped = data.skipped_note(r.train_set, r.val_set)
+    if skipped:
+        log(env, skipped)
     classes = len(r.val_set.classes)
     if args.num_classes is None:
         args.num_classes = classes

@@ -213,10 +213,12 @@ def test_output_dir_that_cannot_be_a_folder_is_refused(data_root, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
-def test_more_classes_than_the_data_and_a_long_warmup_run_with_one_line_each(data_root, tmp_path, capsys):
-    out = tmp_path / "run"
+def test_more_classes_than_the_data_and_a_long_warmup_run_with_one_line_each(tmp_path, capsys):
+    data_root, out = make_imagenet(tmp_path / "data", train=2, val=1), tmp_path / "run"
+    (tmp_path / "data" / "train" / "a" / "notes.txt").write_text("where these came from")
     assert train.main(quick(data_root, out, "--num-classes", "5", "--epochs", "1", "--steps-per-epoch", "1")) == 0
     stdout = capsys.readouterr().out
+    assert f"skipped 1 files that are not images: {tmp_path / 'data' / 'train' / 'a' / 'notes.txt'}" in stdout
     assert "note: --num-classes 5: 2 outputs more than the 3 classes of --data" in stdout
     assert "warning: the warmup (16 epochs) is not shorter than the run (1 epochs)" in stdout
     assert torch.load(out / "last.pt", weights_only=True)["model"]["classifier.weight"].shape[0] == 5
