@@ -12,7 +12,7 @@ import torch
 
 import utils
 from conftest import ROOT, make_imagenet
-from test_train import SPY, TRAIN, read_metrics, run_train
+from test_train import SPY, child_env, command, read_metrics, run_train
 
 # Everything that draws random numbers or carries state is on: loader workers, drop path, dropout,
 # mixup, EMA. 48 train images: 12 steps of 4 per epoch in one process, 6 of 4 per rank in two.
@@ -63,11 +63,10 @@ def assert_same_run(out, reference):
     assert rows_a == rows_b and len(rows_a) == 2
 
 
-def start(args, nproc=None, env=None):
-    cmd = [sys.executable, TRAIN] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
-    return subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
+def start(args, nproc=None, env=None, max_restarts=0, **popen):
+    """train.py started in the background (see run_train), its output read through pipes."""
+    return subprocess.Popen(command(args, nproc, max_restarts=max_restarts), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(env), **popen)
 
 
 def wait_for_line(process, text, timeout=300):
@@ -174,10 +173,7 @@ def test_rank_killed_under_torchrun_max_restarts_ends_equal_to_uninterrupted(dat
     # periodic checkpoint (--resume auto), past the dead rank 0's lock and temporary file.
     args = ["--data", data_root, "--output-dir", tmp_path, *RUN, "--batch-size", "2", "--save-every-steps", "3",
             "--resume", "auto"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-         TRAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT))
+    process = start(args, nproc=2, max_restarts=1)
     wait_for_line(process, "epoch 1/2 step 8/12")
     stale = tmp_path / ".last.pt.tmp.4000000"  # as if rank 0 died while writing a checkpoint
     stale.write_bytes(b"partial")
@@ -214,9 +210,7 @@ def test_restarted_group_does_not_read_the_dead_group_s_addresses(tmp_path):
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "time.sleep(60 if attempt == 0 else 0)\n"
         "dist.destroy_process_group()\n")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "--max-restarts=1", str(script)], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    result = run_train([], nproc=2, script=script, max_restarts=1, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "attempt 1 rank 0 sum 2" in result.stdout and "attempt 1 rank 1 sum 2" in result.stdout
 
@@ -299,9 +293,7 @@ def test_fp16_on_cpu_is_refused(data_root, tmp_path, capsys):
 # --------------------------------------------------------- Ctrl-C and the requeue of a fine-tune
 
 def test_ctrl_c_saves_exits_130_without_traceback_then_resume_equals_uninterrupted(data_root, reference, tmp_path):
-    cmd = [sys.executable, TRAIN, "--data", data_root, "--output-dir", tmp_path, *RUN]
-    process = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    process = start(["--data", data_root, "--output-dir", tmp_path, *RUN], start_new_session=True)
     wait_for_line(process, "epoch 2/2 step 3/12")
     os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C does: the process and its loader workers
     out, err = process.communicate(timeout=300)
@@ -338,33 +330,30 @@ def finetune(data_root, tmp_path_factory):
     import efficientnet
     folder = tmp_path_factory.mktemp("finetune")
     torch.save(efficientnet.create_model("b0").state_dict(), folder / "weights.pth")
-    command = ["--data", data_root, *RUN, "--epochs", "1", "--warmup-epochs", "0.5", "--save-every-steps", "3",
+    flags = ["--data", data_root, *RUN, "--epochs", "1", "--warmup-epochs", "0.5", "--save-every-steps", "3",
                "--weights", folder / "weights.pth", "--resume", "auto"]
-    result = run_train(["--output-dir", folder / "reference", *command])
+    result = run_train(["--output-dir", folder / "reference", *flags])
     assert result.returncode == 0, result.stderr
     assert "classifier re-initialised: 1000 -> 3 classes" in result.stdout
-    return command, folder / "reference"
+    return flags, folder / "reference"
 
 
 def test_requeued_fine_tune_with_the_same_command_equals_one_run(finetune, tmp_path):
-    command, reference = finetune
-    first = run_train(["--output-dir", tmp_path, *command], script=SPY,
+    flags, reference = finetune
+    first = run_train(["--output-dir", tmp_path, *flags], script=SPY,
                       env={"SPY_DIR": str(tmp_path), "SPY_WATCH": str(tmp_path / "none"), "SPY_SIGTERM_AT": "5"})
     assert first.returncode == 75, first.stderr
-    second = run_train(["--output-dir", tmp_path, *command])
+    second = run_train(["--output-dir", tmp_path, *flags])
     assert second.returncode == 0, second.stderr
-    weights = command[command.index("--weights") + 1]
+    weights = flags[flags.index("--weights") + 1]
     assert f"note: --weights {weights} is not loaded: the run continues from its checkpoint" in second.stdout
     assert json.load(open(tmp_path / "args.json"))["weights"] == str(weights)  # where the run started
     assert_same_run(tmp_path, reference)
 
 
 def test_torchrun_restart_of_a_fine_tune_equals_one_run(finetune, tmp_path):
-    command, reference = finetune
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
-         TRAIN, "--output-dir", str(tmp_path), *map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    flags, reference = finetune
+    process = start(["--output-dir", tmp_path, *flags], nproc=1, max_restarts=1)
     wait_for_line(process, "epoch 1/1 step 8/12")
     os.kill(rank_pid(process.pid, 0), signal.SIGKILL)  # torchrun starts the same command again
     out, err = process.communicate(timeout=300)

@@ -22,13 +22,23 @@ SPY = os.path.join(ROOT, "tests", "spy_train.py")
 TINY = ["--image-size", "32", "--val-resize", "36", "--batch-size", "4", "--log-every", "1"]
 
 
-def run_train(args, nproc=None, script=TRAIN, env=None, timeout=600):
-    """train.py (or `script`) in a fresh process; under torchrun with `nproc` processes."""
-    cmd = [sys.executable, script] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+def command(args, nproc=None, script=TRAIN, max_restarts=0):
+    """The command line of train.py (or `script`), under torchrun with `nproc` processes (and
+    --max-restarts) when `nproc` is given."""
+    torchrun = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                                         f"--max-restarts={max_restarts}"]
+    return [sys.executable, *torchrun, str(script), *map(str, args)]
+
+
+def child_env(env=None):
+    """The environment of a child process: the repo importable, plus `env`."""
+    return dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+
+
+def run_train(args, nproc=None, script=TRAIN, env=None, timeout=600, max_restarts=0):
+    """train.py (or `script`) in a fresh process, to its end; under torchrun with `nproc` processes."""
+    return subprocess.run(command(args, nproc, script, max_restarts), capture_output=True, text=True,
+                          timeout=timeout, env=child_env(env))
 
 
 def last_json(stdout):
