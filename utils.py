@@ -197,7 +197,9 @@ def set_rng_state(state, device=torch.device("cpu")):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint files
+# Checkpoint files. torch.save writes in place (a crash or a full disk mid-write leaves a truncated
+# last.pt), and torch.distributed.checkpoint writes a folder of shards that torch.load cannot read
+# and a pasted efficientnet.py cannot use; so a temporary file, fsync and rename, here.
 
 def _fsync_dir(folder):
     fd = os.open(folder, os.O_RDONLY)

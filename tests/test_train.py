@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -465,3 +466,48 @@ def test_tensorboard_without_the_package_is_refused_at_start(tiny_data, tmp_path
     assert result.stderr.strip() == ("error: --tensorboard needs the tensorboard package: pip install tensorboard "
                                      "(or leave the flag out)")
     assert not os.path.exists(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ what main leaves behind
+
+def test_main_gives_back_signal_handlers_and_torch_flags(tiny_data, tmp_path, capsys):
+    """In-process callers (tests, notebooks, the GPU check) get the process as it was: a timeout's
+    SIGTERM must still stop them, and TF32 / deterministic mode must not leak into later work."""
+    def handler(signum, frame):
+        pass
+    signal.signal(signal.SIGTERM, handler)
+    saved = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    flags = flags[:3] + (False,) + flags[4:]
+    cublas = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    try:
+        assert train.main([str(a) for a in ["--data", tiny_data, *TINY, "--output-dir", tmp_path, "--workers", "0",
+                                            "--epochs", "1", "--steps-per-epoch", "1", "--deterministic"]]) == 0
+        assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)] == saved
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled()) == flags
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if cublas is not None:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_fixes(tiny_data, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.1 GiB of which 1.2 GiB is free.")
+    monkeypatch.setattr(train, "forward_backward", out_of_memory)
+    err = fails_with(capsys, ["--data", tiny_data, *TINY, "--output-dir", tmp_path / "run", "--workers", "0"],
+                     "error: rank 0: the GPU ran out of memory (CUDA out of memory")
+    assert "lower --batch-size (keeping the global batch with --accum-steps) or add --grad-checkpointing" in err
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize("arch, batch", [("b0", 256), ("b3", 256), ("b4", 128), ("b5", 64), ("b6", 32),
+                                         ("tf_efficientnet_b7", 32)])
+def test_default_batch_fits_an_80_gb_gpu_per_member(arch, batch):
+    assert train.resolve_args(train.parse_args(["--data", "demo", "--arch", arch])).batch_size == batch
+    assert train.resolve_args(train.parse_args(["--data", "demo", "--arch", arch, "--batch-size", "8"])).batch_size == 8
