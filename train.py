@@ -308,13 +308,16 @@ def take_run_settings(args, env, given, checkpoint):
         if name in given:
             if getattr(args, name) != stored[name]:
                 changed.append(f"{flag(name)} {stored[name]} -> {getattr(args, name)}")
-        elif name == "val_resize" and "image_size" in given:
-            args.val_resize = None  # follows the new image size (default: + 32)
+        elif name == "val_resize" and "image_size" in given:  # follows the new size, as its default does
+            args.val_resize = args.image_size + 32
+            changed.append(f"--val-resize {stored['val_resize']} -> {args.val_resize}")
         else:
             setattr(args, name, stored[name])
     if changed:
         log(env, f"note: the command line changes the run's {', '.join(changed)}; its other settings are "
                  f"the checkpoint's")
+    if args.evaluate:
+        return
     if args.ema_decay > 0 and checkpoint["ema"] is None:
         raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
     ranks, per_step = len(checkpoint["ranks"]), args.batch_size * env.world_size
@@ -551,8 +554,8 @@ def exit_code(error, env, args):
               f"(keeping the global batch with --accum-steps) or add --grad-checkpointing", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(error, KeyboardInterrupt):  # before training started, or a second Ctrl-C
-        print(f"error: interrupted: stopped at once, nothing saved since the last checkpoint "
-              f"(continue with --resume auto --output-dir {args.output_dir})", file=sys.stderr)
+        hint = f" (continue with --resume auto --output-dir {args.output_dir})" if args.output_dir else ""
+        print(f"error: interrupted: stopped at once, nothing saved since the last checkpoint{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if isinstance(error, NonFiniteLoss):
         say_error(env, f"error: {error}")

@@ -158,8 +158,8 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
                       "loss": rows[-1]["val_loss"], "images": 9}
     other = run_train(["--evaluate", "--resume", out / "last.pt", "--image-size", "48", "--workers", "0"])
     assert other.returncode == 0, other.stderr
-    assert ("note: the command line changes the run's --image-size 32 -> 48; its other settings are the "
-            "checkpoint's") in other.stdout
+    assert ("note: the command line changes the run's --image-size 32 -> 48, --val-resize 36 -> 80; its other "
+            "settings are the checkpoint's") in other.stdout
     assert last_json(other.stdout)["loss"] != result["loss"]  # evaluated at 48 px (resize 80), as asked
 
 
