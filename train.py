@@ -1057,6 +1057,7 @@ def save(r, epoch, epoch_step):
     state = {"args": vars(r.args), "epoch": epoch, "epoch_step": epoch_step, "step": r.step,
              "model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
              "ema": r.ema.state_dict() if r.ema else None, "best_top1": r.best_top1, "history": r.history,
+             "classes": list(r.val_set.classes),  # the class folders, in label order
              "ranks": utils.gather_objects({"rng": utils.rng_state(r.env.device), "loss_sum": r.loss_sum.item(),
                                             "skipped": r.watch.skipped.item()}, r.env)}
     try:
