@@ -9,7 +9,8 @@ torchvision.io / TorchCodec (the same pixels as PIL, faster), everything else by
 are resized by torch's uint8 kernel; evaluation uses PIL, exactly as torchvision's published
 accuracies were measured. Float conversion and normalisation happen once, on the training device
 (DeviceLoader). With `decode="gpu"` the workers only read the bytes and draw the crop box and flip;
-DeviceLoader decodes the batch with one nvJPEG call and crops, resizes and flips on the GPU.
+a thread of DeviceLoader's decodes each batch with one nvJPEG call and crops, resizes and flips on
+the GPU, a batch ahead of the training step (the section "--decode gpu, both halves").
 Augmentation randomness is a pure function of (seed, epoch, sample index), so the data of a step
 never depends on worker count, rank count, decoder or where a run resumed.
 
@@ -18,16 +19,20 @@ never depends on worker count, rank count, decoder or where a run resumed.
 """
 import argparse
 import atexit
+import contextlib
 import ctypes
+import functools
 import importlib.util
 import io
 import math
 import multiprocessing
 import os
+import queue
 import random
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -266,13 +271,24 @@ class ValTransform:
         return to_uint8_hwc(img.crop((left, top, left + self.size, top + self.size)))
 
 
+def sample_rng(seed, epoch, index):
+    """The generator of one sample's augmentation: a pure function of (seed, epoch, index)."""
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --decode gpu, both halves. The workers' half: read the file, draw the crop box and flip from its
+# header (EncodedTrainTransform), batch the bytes (collate -> EncodedBatch). The device's half:
+# decode a batch's JPEGs in one nvJPEG call, then crop, resize and flip each sample (BatchDecoder),
+# in a thread of DeviceLoader's, a batch ahead of the training step. The mode is carried as a
+# string: build_datasets(decode=) -> ImageFolder.decode -> build_loader's collate and DeviceLoader.
+
 class EncodedTrainTransform:
     """The worker's half of decoding on the GPU: the file's bytes, plus the crop box and flip drawn
     exactly as TrainTransform draws them (same generator calls, image size from the header).
     Files nvJPEG cannot take (PNG, CMYK, rotated JPEGs, ...) are decoded here to full-size pixels;
-    DeviceLoader crops and resizes both kinds alike."""
-
-    takes_encoded = True
+    BatchDecoder crops and resizes both kinds alike. ImageFolder(..., decode="gpu") calls it with
+    the file's path and bytes in place of decoded pixels."""
 
     def __init__(self, size, min_scale=0.08):
         self.size = size
@@ -318,17 +334,100 @@ class EncodedBatch:
         start, end = self.spans[i]
         return self.payload[start:end]
 
+    def pin_memory(self):
+        """The DataLoader's pin-memory thread calls this: page-locked bytes, so that the pixels the
+        workers decoded reach the GPU by an asynchronous copy."""
+        self.payload = self.payload.pin_memory()
+        return self
 
-def collate(samples):
-    """default_collate, but EncodedSamples make one EncodedBatch (and labels one tensor)."""
-    if isinstance(samples[0][0], EncodedSample):
+
+def collate(samples, decode="cpu"):
+    """The loaders' collate_fn: default_collate of (pixels, label) samples; with decode="gpu" the
+    EncodedSamples make one EncodedBatch (and the labels one tensor)."""
+    if decode == "gpu":
         return EncodedBatch([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
     return torch.utils.data.default_collate(samples)
 
 
-def sample_rng(seed, epoch, index):
-    """The generator of one sample's augmentation: a pure function of (seed, epoch, index)."""
-    return random.Random(f"{seed}/{epoch}/{index}")
+# CUDA's antialiased resize keeps a block's filter weights in its 48 KiB of shared memory. By the
+# kernel's block-size formula (read, not run), for bicubic float32 past about 47x downscale on both
+# axes no row of threads fits (a launch with no rows: an error, or a host division by zero), past
+# about 94x it refuses ("Too much shared memory required"); at 32x a block still has one row. The
+# CPU kernels have no limit. Crops more than AA_MAX_DOWNSCALE x the output are resized in stages.
+AA_MAX_DOWNSCALE = 32
+
+
+def resize_stages(height, width, size, max_factor=None):
+    """The (h, w) sizes of the successive resizes that take (height, width) to (size, size), none
+    shrinking an axis more than `max_factor` (AA_MAX_DOWNSCALE) times: [(size, size)] for all but
+    extreme crops. The last stages shrink most and the first least, so the blur stays close to that
+    of one resize; an axis with fewer stages keeps its length until its own (the identity)."""
+    max_factor = max_factor or AA_MAX_DOWNSCALE
+
+    def lengths(n):
+        out = [size]
+        while n > out[0] * max_factor:
+            out.insert(0, out[0] * max_factor)
+        return out
+    hs, ws = lengths(height), lengths(width)
+    count = max(len(hs), len(ws))
+    return list(zip([height] * (count - len(hs)) + hs, [width] * (count - len(ws)) + ws))
+
+
+def antialiased_resize(x, size):
+    """float (N, 3, h, w) -> (N, 3, size, size): antialiased bicubic, in stages where one resize
+    would shrink too much for CUDA's kernel (resize_stages)."""
+    for stage in resize_stages(x.shape[-2], x.shape[-1], size):
+        x = F.interpolate(x, size=stage, mode="bicubic", antialias=True)
+    return x
+
+
+class BatchDecoder:
+    """The device's half of decoding on the GPU: EncodedBatch -> float32 (N, 3, size, size) pixels
+    in 0..255 on `device`. The batch's JPEGs are decoded in one call (one batched nvJPEG call on
+    CUDA), then each sample's box is resized (antialiased bicubic in float: CUDA has no uint8 kernel
+    for it) and flipped as TrainTransform does on the CPU. Work goes on the current stream; on CUDA
+    the calling thread waits twice a batch (below), which is why DeviceLoader calls it from a
+    thread of its own."""
+
+    def __init__(self, device, channels_last=False):
+        self.device, self.channels_last = torch.device(device), channels_last
+
+    def __call__(self, batch):
+        jpegs = [i for i, shape in enumerate(batch.shapes) if shape is None]
+        decoded = dict(zip(jpegs, self.decode_jpegs(batch, jpegs)))
+        crops = []
+        for i, (left, top, right, bottom) in enumerate(batch.boxes):
+            if i in decoded:
+                image = decoded[i]
+            else:  # decoded by the worker: (H, W, 3) pixel bytes
+                image = batch.content(i).to(self.device, non_blocking=True).view(batch.shapes[i]).permute(2, 0, 1)
+            crops.append(antialiased_resize(image[None, :, top:bottom, left:right].float(), batch.size))
+        x = torch.cat(crops).clamp_(0, 255)  # bicubic overshoots; the CPU path's uint8 clamps too
+        flips = torch.tensor(batch.flips).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
+        x = torch.where(flips, x.flip(-1), x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def decode_jpegs(self, batch, indices):
+        if not indices:
+            return []
+        encoded = [batch.content(i) for i in indices]
+        if self.device.type == "cuda":
+            # nvJPEG writes from its own stream, which does not wait for this one: kernels still
+            # queued here could read memory it reuses (torchvision PR #9606). Drain this stream
+            # (the caller's thread waits; nvJPEG then waits for its own stream as well).
+            torch.cuda.current_stream(self.device).synchronize()
+        try:
+            return decode_jpegs(encoded, self.device)
+        except RuntimeError:  # one bad file fails the whole call: find it
+            return [self.decode_one(content, batch.paths[i]) for i, content in zip(indices, encoded)]
+
+    def decode_one(self, content, path):
+        try:
+            return decode_jpegs([content], self.device)[0]
+        except RuntimeError:  # PIL decodes what it can (libjpeg warnings) and names the rest
+            pixels = to_uint8_hwc(load_rgb(path, content.numpy().tobytes()))
+            return pixels.to(self.device).permute(2, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,10 +477,11 @@ def skipped_note(*datasets, show=5):
 
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class>/<image>: torchvision's ImageFolder, flat class folders. `skipped_files` lists
-    (sorted paths) what the class folders hold besides images: see list_class_folder."""
+    (sorted paths) what the class folders hold besides images: see list_class_folder.
+    decode="gpu": `transform` is an EncodedTrainTransform, which takes the file's bytes."""
 
-    def __init__(self, root, transform, seed=0):
-        self.root, self.transform, self.seed = root, transform, seed
+    def __init__(self, root, transform, seed=0, decode="cpu"):
+        self.root, self.transform, self.seed, self.decode = root, transform, seed, decode
         self.read_retries = RetryCount()
         self.classes = find_classes(root)
         self.samples, self.skipped_files = [], []
@@ -404,7 +504,7 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.samples[index]
         encoded = read_file(path, self.read_retries)
         rng = sample_rng(self.seed, epoch, index)
-        if getattr(self.transform, "takes_encoded", False):
+        if self.decode == "gpu":  # the worker's half of GPU decoding: bytes, box and flip only
             return self.transform(path, encoded, rng), label
         return self.transform(decode_rgb(path, encoded), rng), label
 
@@ -506,7 +606,7 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
     val = ImageFolder(os.path.join(data, "val"), val_tf, seed)
     if not with_train:
         return None, val
-    train = ImageFolder(os.path.join(data, "train"), train_tf, seed)
+    train = ImageFolder(os.path.join(data, "train"), train_tf, seed, decode=decode)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -607,6 +707,12 @@ def read_retries(*datasets):
     return sum(d.read_retries.value for d in datasets if hasattr(d, "read_retries"))
 
 
+def decode_mode(dataset):
+    """Where a dataset's images are decoded: ImageFolder's `decode` ("cpu" or "gpu"); datasets
+    without one (demo, synthetic, a list of batches) hold pixels: "cpu"."""
+    return getattr(dataset, "decode", "cpu")
+
+
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False):
     if workers > 0:
         atexit.unregister(_kill_workers_at_exit)  # once, however many loaders
@@ -615,25 +721,31 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False)
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=pin_memory, drop_last=train,  # equal, full batches on every rank in training
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None, collate_fn=collate,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        collate_fn=functools.partial(collate, decode=decode_mode(dataset)),
         # Workers draw nothing from their seeds (see sample_rng); a private generator keeps the
         # loader from consuming the global torch RNG, whose state the checkpoints restore.
         generator=torch.Generator())
 
 
 class DeviceLoader:
-    """Moves uint8 NHWC batches to `device` and normalises them there: float (N, 3, H, W) out,
-    channels_last when asked. EncodedBatches (decode="gpu") are decoded there first (decode_batch).
-    On CUDA the copy, decoding and normalisation of the next batch run on a side stream while the
-    current batch computes (the host memory must be pinned for that); the stream lives as long as
-    the loader, since the caching allocator keeps each stream's memory apart. `mean` and `std` are
-    of 0-1 pixels (AdvProp weights: 0.5, 0.5)."""
+    """Moves batches to `device` and normalises them there: float (N, 3, H, W) out, channels_last
+    when asked. `decode` is the mode of the loader's dataset (decode_mode; give it for a plain list
+    of batches). "cpu": uint8 NHWC pixel batches; on CUDA the copy and normalisation of the next
+    batch run on a side stream while the current batch computes (the host memory must be pinned
+    for that). "gpu": EncodedBatches, which a BatchDecoder turns into pixels in a thread of this
+    loader's, on the side stream, a batch ahead: the training thread never waits for nvJPEG nor
+    queues its step behind the decode's per-sample kernels (see _decode_ahead). The side stream
+    lives as long as the loader, since the caching allocator keeps each stream's memory apart.
+    `mean` and `std` are of 0-1 pixels (AdvProp weights: 0.5, 0.5)."""
 
-    def __init__(self, loader, device, channels_last=False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, loader, device, channels_last=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, decode=None):
         self.loader, self.device, self.channels_last = loader, torch.device(device), channels_last
+        self.decode = decode or decode_mode(getattr(loader, "dataset", None))
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.decoder = BatchDecoder(self.device, channels_last) if self.decode == "gpu" else None
 
     def __len__(self):
         return len(self.loader)
@@ -649,70 +761,94 @@ class DeviceLoader:
             x = x.contiguous()
         return self.standardize(x)
 
-    def decode_batch(self, batch):
-        """EncodedBatch -> normalised float32 (N, 3, size, size): the JPEGs decoded on the device in
-        one call, then each sample's box resized (antialiased bicubic in float: CUDA has no uint8
-        kernel for it) and flipped as TrainTransform does on the CPU."""
-        jpegs = [i for i, shape in enumerate(batch.shapes) if shape is None]
-        decoded = dict(zip(jpegs, self._decode_jpegs(batch, jpegs)))
-        crops = []
-        for i, (left, top, right, bottom) in enumerate(batch.boxes):
-            if i in decoded:
-                image = decoded[i]
-            else:  # decoded by the worker: (H, W, 3) pixel bytes
-                image = batch.content(i).to(self.device, non_blocking=True).view(batch.shapes[i]).permute(2, 0, 1)
-            crop = image[None, :, top:bottom, left:right].float()
-            crops.append(F.interpolate(crop, size=(batch.size, batch.size), mode="bicubic", antialias=True))
-        x = torch.cat(crops).clamp_(0, 255)  # bicubic overshoots; the CPU path's uint8 clamps too
-        flips = torch.tensor(batch.flips).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-        x = torch.where(flips, x.flip(-1), x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.standardize(x)
-
-    def _decode_jpegs(self, batch, indices):
-        if not indices:
-            return []
-        encoded = [batch.content(i) for i in indices]
-        if self.device.type == "cuda":
-            # nvJPEG writes from its own stream, which does not wait for this one: kernels still
-            # queued here could read memory it reuses (torchvision PR #9606). Drain this stream.
-            torch.cuda.current_stream(self.device).synchronize()
-        try:
-            return decode_jpegs(encoded, self.device)
-        except RuntimeError:  # one bad file fails the whole call: find it
-            return [self._decode_one(content, batch.paths[i]) for i, content in zip(indices, encoded)]
-
-    def _decode_one(self, content, path):
-        try:
-            return decode_jpegs([content], self.device)[0]
-        except RuntimeError:  # PIL decodes what it can (libjpeg warnings) and names the rest
-            pixels = to_uint8_hwc(load_rgb(path, content.numpy().tobytes()))
-            return pixels.to(self.device).permute(2, 0, 1)
-
     def _to_device(self, batch):
         images, labels = batch
         labels = labels.to(self.device, non_blocking=True)
-        if isinstance(images, EncodedBatch):
-            return self.decode_batch(images), labels
+        if self.decode == "gpu":
+            return self.standardize(self.decoder(images)), labels
         return self.normalize(images.to(self.device, non_blocking=True)), labels
 
     def __iter__(self):
+        if self.decode == "gpu":
+            return self._decode_ahead()
         if self.stream is None:
-            yield from (self._to_device(batch) for batch in self.loader)
-            return
+            return (self._to_device(batch) for batch in self.loader)
+        return self._copy_ahead()
+
+    def _hand_over(self, ready):
+        """Make the compute stream wait for the side stream's work on `ready` (not the host), and
+        tell the allocator that the compute stream uses its tensors from now on."""
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.stream)
+        for t in ready:
+            t.record_stream(compute)
+        return ready
+
+    def _copy_ahead(self):
         upcoming = None
         for batch in self.loader:
             with torch.cuda.stream(self.stream):
                 ready = self._to_device(batch)
             if upcoming is not None:
                 yield upcoming
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            for t in ready:  # tell the allocator the compute stream uses these now
-                t.record_stream(torch.cuda.current_stream(self.device))
-            upcoming = ready
+            upcoming = self._hand_over(ready)
         if upcoming is not None:
             yield upcoming
+
+    def _decode_ahead(self):
+        """decode="gpu": a decode thread takes the loader's batches in order and queues their
+        decoding on the side stream; this generator yields each once the thread has queued it,
+        with the compute stream made to wait for it. The thread waits for the side stream before
+        each nvJPEG call (and nvJPEG for its own stream), so those waits overlap the training step
+        that this thread meanwhile queues. At most two batches are ahead: one in `ready`, one in
+        the making. Stopping early (fewer steps than batches), or an error on either side, stops
+        and joins the thread before the loader is iterated again."""
+        batches = iter(self.loader)  # in this thread: a DataLoader sets up signal handling here
+        ready, stop = queue.Queue(maxsize=1), threading.Event()
+        thread = threading.Thread(target=self._decode_all, args=(batches, ready, stop), daemon=True,
+                                  name="DeviceLoader-decode")
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, queued = item
+                if queued is not None:  # CUDA: the event recorded after the batch's work
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(queued)
+                    images.record_stream(compute)
+                    labels.record_stream(compute)
+                yield images, labels
+        finally:
+            stop.set()
+            thread.join()
+
+    def _decode_all(self, batches, ready, stop):
+        """The decode thread: each batch decoded and normalised into `ready`, then None, or the
+        exception that ended it (the training thread raises it)."""
+        cuda = self.stream is not None
+        try:
+            with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():  # also its device
+                for batch in batches:
+                    if stop.is_set():
+                        return
+                    images, labels = self._to_device(batch)
+                    queued = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        queued.record(self.stream)
+                    _put_unless_stopped(ready, (images, labels, queued), stop)
+            _put_unless_stopped(ready, None, stop)
+        except BaseException as e:  # handed over, not swallowed
+            _put_unless_stopped(ready, e, stop)
+
+
+def _put_unless_stopped(q, item, stop):
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            pass
 
 
 def mixup(images, labels, num_classes, lam):

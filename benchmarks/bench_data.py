@@ -68,9 +68,9 @@ def write_images(folder, count, classes=8):
 class Ours(torch.utils.data.Dataset):
     """This repo's ImageFolder and transform, addressed like TrainSampler does: (index, epoch)."""
 
-    def __init__(self, root, transform, pil_decode=False):
-        self.inner = data.ImageFolder(root, transform)
-        self.pil_decode = pil_decode
+    def __init__(self, root, transform, pil_decode=False, decode="cpu"):
+        self.inner = data.ImageFolder(root, transform, decode=decode)
+        self.pil_decode, self.decode = pil_decode, decode
 
     def __len__(self):
         return len(self.inner)
@@ -86,7 +86,8 @@ def worker_pass(dataset, batch_size):
     """What one loader worker does for the whole dataset: items, then collated batches."""
     start = time.perf_counter()
     for first in range(0, len(dataset), batch_size):
-        data.collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
+        data.collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))],
+                     decode=data.decode_mode(dataset))
     return len(dataset) / (time.perf_counter() - start)
 
 
@@ -121,7 +122,7 @@ def main():
             "train: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_train),
             "train: data.py": Ours(root, data.TrainTransform(args.size)),
             "train: data.py, PIL decode": Ours(root, data.TrainTransform(args.size), pil_decode=True),
-            "train: data.py --decode gpu, worker's share": Ours(root, data.EncodedTrainTransform(args.size)),
+            "train: data.py --decode gpu, worker's share": Ours(root, data.EncodedTrainTransform(args.size), decode="gpu"),
             "val: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_val),
             "val: data.py": Ours(root, data.ValTransform(args.size, args.val_resize)),
             "val: data.py, PIL decode": Ours(root, data.ValTransform(args.size, args.val_resize), pil_decode=True),

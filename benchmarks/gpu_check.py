@@ -1,31 +1,44 @@
 """The GPU check's measurements in ONE process (each Python start on a card costs ~30 s of CUDA
 set-up): training images/s of the model variants (b0 224 px batch 256, b4 380 px batch 128, bf16,
-channels_last), train.py end to end on synthetic data and on generated JPEGs (--decode cpu / gpu),
-a --sync-bn run where there are 2+ GPUs, then one table and the 400-epoch projection.
+channels_last), train.py on synthetic data and on generated JPEGs (--decode gpu / cpu), a
+--sync-bn run where there are 2+ GPUs, then one table and the 400-epoch projection.
 
     bash benchmarks/gpu.sh                              # on the card: the CUDA tests, then this
     python benchmarks/gpu_check.py --dry-run            # on a CPU: every row, shrunk, to prove it runs
 
-Rows run in order of importance while --budget seconds last; a row that would not fit is listed
-as not run. Model rows: bench_model.py's training step (forward, label-smoothed loss, backward,
-the recipe's RMSprop) on one fixed batch, median-free: the mean of --steps steps after warm-up
-(compiled rows: the first step compiles). train.py rows: the images/s train.py reports for its
-last epoch (persistent loader workers, so no start-up inside it).
+Each row is kept the moment it is measured: appended to OUT/rows.jsonl and the table OUT/table.md
+rewritten, so a kill loses only the row in progress. Rows run in order of importance while
+--budget seconds last: one that would not fit is listed as not run, one that runs past its own
+limit (twice its estimate, or the budget plus 20 s) is cut and listed as such, and the next runs.
+
+Model rows: bench_model.py's training step (forward, label-smoothed loss, backward, the recipe's
+RMSprop) on one fixed batch: the mean of --steps steps after warm-up. Compiled rows: the first
+step compiles; gpu.sh runs `--warm-compile` beside the tests, which puts the same graphs in
+inductor's on-disk caches, so that the row pays for Dynamo's tracing but not inductor's codegen.
+train.py rows: train.main in this process, 2 epochs; the rate is that of the second epoch's logged
+intervals after its first (steady state: the GPU warm, the loader's workers refilled and no epoch
+start inside: not the sampler's permutation, nor the first batches of empty workers).
 """
 import argparse
 import contextlib
 import gc
-import io
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-import torch
+# torch reads this once, at its first cuBLAS use, so it is set before any row: the --deterministic
+# row needs it, as train.py sets it. It is 32 MiB, the workspace torch takes on Hopper (sm_90)
+# without it, so the other rows run as they would anyway.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -33,9 +46,23 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 import bench_data  # noqa: E402
 import bench_model  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
+from time_limit import time_limit  # noqa: E402
 
 IMAGENET_TRAIN, EPOCHS, GPUS = 1_281_167, 400, 8  # NVIDIA's B0 recipe: 400 epochs on 8 GPUs
+
+
+def settings(dry):
+    """Sizes, steps and the compile backend: the card's, or the dry run's shrunk ones."""
+    s = argparse.Namespace(dry=dry, device="cpu" if dry else "cuda", amp="off" if dry else "bf16",
+                           # the dry run proves that the rows run: Dynamo and AOTAutograd, no codegen
+                           compile_backend="aot_eager" if dry else "inductor")
+    s.b0 = ("b0", 32, 2) if dry else ("b0", 224, 256)  # (arch, image size, batch)
+    s.b4 = ("b4", 32, 2) if dry else ("b4", 380, 128)
+    s.steps, s.warmup = (1, 1) if dry else (20, 3)
+    s.loop_steps, s.log_every = (6, 2) if dry else (50, 10)  # per epoch; intervals of the 2nd are measured
+    return s
 
 
 # ------------------------------------------------------------------------------ generated JPEGs
@@ -45,9 +72,10 @@ def _write_one(job):
     bench_data.photo_like(index).save(os.path.join(folder, f"img{index}.JPEG"), "JPEG", quality=90)
 
 
-def make_jpegs(root, count, classes=8, val_per_class=2):
-    """root/train/c<k>/ with `count` photo-like 500x375 JPEGs and a small root/val/ (train.py wants
-    one), written by all cores. Returns root."""
+def make_jpegs(root, count, links, classes=8, val_per_class=2):
+    """root/train/c<k>/ with `count` photo-like 500x375 JPEGs (~85 KB), each under `links` names
+    (hard links: an epoch long enough to measure, for `count` files' work; decoding costs the same
+    whichever name is read), and a small root/val/ (train.py wants one); written by all cores."""
     jobs = []
     for split, n in (("train", count), ("val", classes * val_per_class)):
         for k in range(classes):
@@ -56,19 +84,39 @@ def make_jpegs(root, count, classes=8, val_per_class=2):
                  for i in range(n)]
     with multiprocessing.Pool(os.cpu_count()) as pool:
         pool.map(_write_one, jobs, chunksize=16)
+    for i in range(count):
+        path = os.path.join(root, "train", f"c{i % classes}", f"img{i}.JPEG")
+        for copy in range(1, links):
+            os.link(path, f"{path[:-len('.JPEG')]}_{copy}.JPEG")
     return root
 
 
+class RowCut(BaseException):
+    """A row past its limit (BaseException, so that no `except Exception` on the way swallows it)."""
+
+
 # ------------------------------------------------------------------------------ measurements
+
+def set_up_cuda():
+    torch.backends.cudnn.benchmark = True  # as train.py
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def deterministic_mode(on):
-    """train.py --deterministic's settings, restored afterwards."""
+    """train.py --deterministic's settings (CUBLAS_WORKSPACE_CONFIG is set at the top), restored
+    afterwards."""
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if on:
@@ -81,190 +129,267 @@ def deterministic_mode(on):
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
-def model_row(opts, name, arch, size, batch, compiled=False, deterministic=False):
+def make_bench(s, name, arch, size, batch, compiled=False):
+    args = argparse.Namespace(arch=arch, batch_size=batch, image_size=size, device=s.device, amp=s.amp,
+                              channels_last=True, compile=False)
+    bench = bench_model.Bench(name, args)
+    if compiled:
+        bench.forward = torch.compile(bench.model, backend=s.compile_backend)
+    return bench
+
+
+def model_row(s, name, arch, size, batch, compiled=False, deterministic=False):
     """(images/s, peak GiB) of bench_model's training step."""
-    device = torch.device(opts.device)
-    settings = argparse.Namespace(arch=arch, batch_size=batch, image_size=size, device=opts.device, amp=opts.amp,
-                                  channels_last=True, compile=False)
-    with deterministic_mode(deterministic):
-        bench = bench_model.Bench(name, settings)
-        if compiled:
-            bench.forward = torch.compile(bench.model, backend=opts.compile_backend)
-        for _ in range(opts.warmup + (2 if compiled else 0)):
-            bench.train_step()
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        for _ in range(opts.steps):
-            bench.train_step()
-        sync(device)
-        rate = batch * opts.steps / (time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    del bench
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rate, peak
-
-
-def train_py_accepts(*flags):
-    """Whether this train.py parses `flags` (a flag another branch adds may be missing)."""
+    device = torch.device(s.device)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            train.parse_args(["--data", "x", *flags])
-        return True
-    except SystemExit:
-        return False
+        with deterministic_mode(deterministic):
+            bench = make_bench(s, name, arch, size, batch, compiled)
+            for _ in range(s.warmup + (2 if compiled else 0)):
+                bench.train_step()
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for _ in range(s.steps):
+                bench.train_step()
+            sync(device)
+            rate = batch * s.steps / (time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        return rate, f"peak {peak:.1f} GiB" if peak else ""
+    finally:
+        bench = None
+        free_memory(device)
 
 
-def train_py_row(opts, data, extra, log_path):
-    """train.py in this process on `data`: the images/s of its last epoch, or an error text."""
+INTERVAL = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .*? ([\d.]+) img/s data (\d+)%")
+
+
+def steady_rate(log_text, epoch, batch):
+    """(images/s, data-wait %) over train.py's logged intervals of `epoch` after its first, from
+    its log lines ("epoch E/N step S/M ... R img/s data D% ..."); (None, None) without them."""
+    intervals, previous = [], 0
+    for e, step, rate, share in INTERVAL.findall(log_text):
+        if int(e) == epoch:
+            intervals.append((int(step) - previous, float(rate), float(share)))
+            previous = int(step)
+    measured = intervals[1:]
+    if not measured or any(rate <= 0 for _, rate, _ in measured):
+        return None, None
+    seconds = [steps * batch / rate for steps, rate, _ in measured]
+    images = sum(steps * batch for steps, _, _ in measured)
+    share = sum(t * d for t, (_, _, d) in zip(seconds, measured)) / sum(seconds)
+    return images / sum(seconds), share
+
+
+def train_py_row(s, data_arg, extra, log_path):
+    """train.py (train.main, in this process) on `data_arg` for 2 epochs: its steady rate."""
     out = tempfile.mkdtemp(prefix="gpu_check_run_")
-    argv = ["--data", data, "--arch", "b0", "--image-size", str(opts.b0_size), "--batch-size", str(opts.b0_batch),
-            "--amp", opts.amp, "--channels-last", "--epochs", str(opts.loop_epochs), "--warmup-epochs", "1",
-            "--steps-per-epoch", str(opts.loop_steps), "--eval-every", "0", "--log-every", str(opts.loop_steps),
-            "--workers", str(opts.workers), "--output-dir", out, *extra]
+    arch, size, batch = s.b0
+    argv = ["--data", data_arg, "--arch", arch, "--image-size", str(size), "--batch-size", str(batch),
+            "--amp", s.amp, "--channels-last", "--epochs", "2", "--warmup-epochs", "1",
+            "--steps-per-epoch", str(s.loop_steps), "--eval-every", "0", "--log-every", str(s.log_every),
+            "--output-dir", out, *extra]
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        print(f"\n$ train.py {' '.join(argv)}", flush=True)
-        try:
-            code = train.main(argv)
-        except SystemExit as e:  # argparse: an unknown flag or value
-            code = e.code
-        finally:  # train.py records SIGTERM instead of dying: give it back to the time limit of gpu.sh
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-    if code != 0:
-        with open(log_path) as f:
-            last = [line.strip() for line in f if line.strip()][-1]
-        return None, f"exit {code}: {last[:110]}"
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return rows[-1]["images_per_sec"], None
+    try:
+        start = os.path.getsize(log_path)
+        with open(log_path, "a") as log:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                print(f"\n$ train.py {' '.join(argv)}", flush=True)
+                try:
+                    code = train.main(argv)
+                except SystemExit as e:  # argparse: an unknown flag or value
+                    code = e.code
+        with open(log_path) as log:
+            log.seek(start)
+            text = log.read()
+        if code != 0:
+            last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+            return None, f"exit {code}: {last[:110]}"
+        workers = f"workers {data.default_workers()}"  # train.py's default: the cores less one
+        rate, share = steady_rate(text, 2, batch)
+        if rate is not None:
+            return rate, f"{workers}, data wait {share:.0f} %, steps {s.log_every + 1}-{s.loop_steps} of epoch 2"
+        with open(os.path.join(out, "metrics.jsonl")) as f:  # the log's format changed: the epoch's mean
+            return [json.loads(line) for line in f][-1]["images_per_sec"], f"{workers}, epoch 2 mean (no interval lines)"
+    finally:  # train.py records SIGTERM instead of dying: give it back to the time limit of gpu.sh
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(out, ignore_errors=True)
+        free_memory(torch.device(s.device))
 
 
-def sync_bn_row(opts, log_path):
-    """torchrun with 2 processes, --sync-bn, synthetic data: one GPU each (or gloo on the CPU)."""
+def sync_bn_row(s, log_path, timeout):
+    """torchrun with 2 processes, --sync-bn, synthetic data: one GPU each."""
     out = tempfile.mkdtemp(prefix="gpu_check_syncbn_")
-    batch = opts.b0_batch // 2
+    arch, size, batch = s.b0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), "--data", "synthetic", "--arch", "b0", "--image-size", str(opts.b0_size),
-           "--batch-size", str(batch), "--amp", opts.amp, "--channels-last", "--sync-bn", "--epochs", "2",
-           "--warmup-epochs", "1", "--steps-per-epoch", str(opts.loop_steps), "--eval-every", "0",
-           "--log-every", str(opts.loop_steps), "--workers", str(max(1, opts.workers // 2)), "--output-dir", out]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.sync_bn_timeout)
+           os.path.join(ROOT, "train.py"), "--data", "synthetic", "--arch", arch, "--image-size", str(size),
+           "--batch-size", str(batch // 2), "--amp", s.amp, "--channels-last", "--sync-bn", "--epochs", "2",
+           "--warmup-epochs", "1", "--steps-per-epoch", str(s.loop_steps), "--eval-every", "0",
+           "--log-every", str(s.log_every), "--output-dir", out]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n{result.stdout}\n{result.stderr[-5000:]}")
+    shutil.rmtree(out, ignore_errors=True)
     if result.returncode != 0:
-        return None, f"exit {result.returncode} (see log)"
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]["images_per_sec"], f"2 processes x batch {batch}"
+        return None, f"exit {result.returncode} (see train_py.log)"
+    rate, share = steady_rate(result.stdout, 2, batch)  # rank 0 logs the global rate
+    return rate, f"2 processes x batch {batch // 2}" + (f", data wait {share:.0f} %" if rate else ", no interval lines")
+
+
+def warm_compile(s):
+    """Compile the compiled rows' graphs once (two steps each), for inductor's on-disk caches (the
+    dry run, which has no such caches, only proves the path, with b0)."""
+    set_up_cuda()
+    for arch, size, batch in (s.b0,) if s.dry else (s.b0, s.b4):
+        started = time.time()
+        bench = make_bench(s, "ours", arch, size, batch, compiled=True)
+        for _ in range(2):  # forward and backward both compile in the first
+            bench.train_step()
+        sync(torch.device(s.device))
+        print(f"warm-compile: {arch} compiled in {time.time() - started:.0f} s", flush=True)
+        bench = None
+        free_memory(torch.device(s.device))
 
 
 # ------------------------------------------------------------------------------ the table
+
+def row_plan(s, jpegs, log_path, gpus, warmed):
+    """(group, configuration, estimated seconds on an H200, measure) in order of importance;
+    `warmed`: the archs whose compiled graphs --warm-compile has cached (else a cold compile)."""
+    b0, b4 = s.b0, s.b4
+    if gpus >= 2:
+        sync_bn = lambda: sync_bn_row(s, log_path, timeout=120)  # noqa: E731
+    else:
+        sync_bn = lambda: (None, f"not run: {gpus} GPU; SyncBatchNorm needs 2+ processes, one GPU each")  # noqa: E731
+    return [
+        ("b0", "torchvision eager", 15, lambda: model_row(s, "torchvision", *b0)),
+        ("b0", "ours eager (the default)", 10, lambda: model_row(s, "ours", *b0)),
+        ("train.py b0", "--data synthetic", 25, lambda: train_py_row(s, "synthetic", [], log_path)),
+        ("train.py b0", "--data JPEGs --decode gpu", 25, lambda: train_py_row(s, jpegs, ["--decode", "gpu"], log_path)),
+        ("train.py b0", "--data JPEGs --decode cpu", 25, lambda: train_py_row(s, jpegs, ["--decode", "cpu"], log_path)),
+        ("b0", "ours --compile", 30 if "b0" in warmed else 75, lambda: model_row(s, "ours", *b0, compiled=True)),
+        ("b4", "torchvision eager", 20, lambda: model_row(s, "torchvision", *b4)),
+        ("b4", "ours eager (the default)", 15, lambda: model_row(s, "ours", *b4)),
+        ("b4", "ours --compile", 40 if "b4" in warmed else 110, lambda: model_row(s, "ours", *b4, compiled=True)),
+        ("b0", "ours eager --deterministic", 15, lambda: model_row(s, "ours", *b0, deterministic=True)),
+        ("b0", "ours eager, lean activations", 10, lambda: model_row(s, "ours-lean", *b0)),
+        ("train.py b0", "--sync-bn, 2 processes", 60 if gpus >= 2 else 0, sync_bn),
+        ("b4", "ours eager, lean activations", 15, lambda: model_row(s, "ours-lean", *b4)),
+        ("b0", "ours --compile --grad-checkpointing", 90, lambda: model_row(s, "ours+ckpt", *b0, compiled=True)),
+    ]
+
+
+class Results:
+    """The rows so far, kept on disk at each one: OUT/rows.jsonl (one JSON line per row, flushed
+    to disk) and OUT/table.md (the whole table, rewritten)."""
+
+    def __init__(self, out, header):
+        self.out, self.header, self.rows = out, header, []
+        open(os.path.join(out, "rows.jsonl"), "w").close()
+
+    def add(self, group, configuration, rate, note):
+        row = {"group": group, "configuration": configuration, "images_per_sec": rate, "note": note}
+        self.rows.append(row)
+        with open(os.path.join(self.out, "rows.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(os.path.join(self.out, "table.md"), "w") as f:
+            f.write("\n".join(self.table()) + "\n")
+
+    def reference(self, group):
+        """The group's first row: torchvision eager; for train.py, --data synthetic."""
+        first = "--data synthetic" if group == "train.py b0" else "torchvision eager"
+        return next((r["images_per_sec"] for r in self.rows if r["group"] == group and r["configuration"] == first), None)
+
+    def table(self):
+        lines = [self.header, "", "| group | configuration | train img/s | vs first row of the group | note |",
+                 "|---|---|---:|---:|---|"]
+        for r in self.rows:
+            rate, ref = r["images_per_sec"], self.reference(r["group"])
+            ratio = f"{rate / ref:.2f}x" if rate and ref else ""
+            lines.append(f"| {r['group']} | {r['configuration']} | {f'{rate:.1f}' if rate else '-'} | {ratio} | {r['note']} |")
+        return lines
+
+    def projection(self):
+        jpeg = [(r["images_per_sec"], r["configuration"]) for r in self.rows
+                if r["group"] == "train.py b0" and "JPEGs" in r["configuration"] and r["images_per_sec"]]
+        if not jpeg:
+            return "Projection: no JPEG row measured."
+        best, which = max(jpeg)
+        hours = EPOCHS * IMAGENET_TRAIN / (GPUS * best) / 3600
+        return (f"Projection, NVIDIA's {EPOCHS}-epoch B0 schedule on {GPUS} such GPUs from JPEGs at {best:.0f} img/s "
+                f"per GPU ({which.removeprefix('--data JPEGs ')}): {hours:.1f} h with perfect scaling, "
+                f"{hours / 0.835:.1f} h at NVIDIA's measured 8-GPU B0 scaling (6.68x of 8); evaluation adds "
+                f"~{EPOCHS * 50_000 / GPUS / 15_000 / 3600:.2f} h at 15k img/s.")
+
+
+def measure(results, plan, budget, started, s):
+    """Each row of `plan` in turn, into `results` the moment it is done."""
+    slow = 10 if s.dry else 1  # a busy CPU: limits only against hangs
+    for group, label, estimate, run in plan:
+        left = budget - (time.time() - started)
+        if not s.dry and estimate > left:
+            results.add(group, label, None, f"not run: {left:.0f} s of the budget left, needs ~{estimate} s")
+            continue
+        t0 = time.time()
+        limit = max(min(2 * estimate, left + 20), 10) * slow  # the budget overrun by 20 s at most
+        try:
+            with time_limit(limit, RowCut(f"cut at its {limit:.0f} s limit")):
+                rate, note = run()
+        except RowCut as e:
+            rate, note = None, str(e)
+        except Exception as e:  # one broken row must not cost the others
+            rate, note = None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        free_memory(torch.device(s.device))
+        note = f"{note}{'; ' if note else ''}{time.time() - t0:.0f} s"
+        results.add(group, label, rate, note)
+        print(f"[{time.time() - started:5.0f} s] {group} | {label} | {f'{rate:.1f}' if rate else '-'} | {note}",
+              flush=True)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, every size shrunk, compile with aot_eager")
-    parser.add_argument("--budget", type=float, default=250, help="seconds for all rows; rows that would not fit are skipped")
+    parser.add_argument("--budget", type=float, default=225, help="seconds for all rows; rows that would not fit are skipped")
     parser.add_argument("--jpegs", help="a folder made by --make-jpegs (default: make one here first)")
     parser.add_argument("--make-jpegs", metavar="DIR", help="only write the JPEG folder and exit")
-    parser.add_argument("--images", type=int, default=6144, help="JPEGs to generate (~85 KB each)")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="train.py loader workers")
-    parser.add_argument("--tests", default="not run", help="the CUDA tests' pytest summary line, for the table")
-    parser.add_argument("--out", default="gpu-results", help="folder for gpu_check.json and train_py.log")
+    parser.add_argument("--images", type=int, default=4096, help="JPEGs to generate (~85 KB each)")
+    parser.add_argument("--links", type=int, default=4, help="names per generated JPEG (train set: images x links)")
+    parser.add_argument("--warm-compile", action="store_true", help="only compile the compiled rows' graphs and exit")
+    parser.add_argument("--warmed", default="", help="archs (b0,b4) that --warm-compile compiled: their rows are estimated warm")
+    parser.add_argument("--tests", default="not run", help="the CUDA tests' outcome, for the table")
+    parser.add_argument("--out", default="gpu-results", help="folder for rows.jsonl, table.md, gpu_check.json, train_py.log")
     opts = parser.parse_args()
     if opts.make_jpegs:
-        make_jpegs(opts.make_jpegs, opts.images)
+        make_jpegs(opts.make_jpegs, opts.images, opts.links)
         return
-    dry = opts.dry_run
-    opts.device = "cpu" if dry else "cuda"
-    opts.amp = "off" if dry else "bf16"  # bf16 on a CPU is slow, and the dry run only proves the rows run
-    opts.compile_backend = "aot_eager" if dry else "inductor"
-    opts.b0_size, opts.b0_batch, opts.b4_size, opts.b4_batch = (32, 2, 32, 2) if dry else (224, 256, 380, 128)
-    opts.steps, opts.warmup = (1, 1) if dry else (20, 5)
-    opts.loop_steps, opts.loop_epochs = (3, 2) if dry else (20, 3)
-    opts.sync_bn_timeout = 300
-    if dry:
-        opts.images = min(opts.images, 64)
+    s = settings(opts.dry_run)
+    if not s.dry and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU here: run with --dry-run on a CPU")
+    if opts.warm_compile:
+        return warm_compile(s)
+    started = time.time()
     os.makedirs(opts.out, exist_ok=True)
     log_path = os.path.join(opts.out, "train_py.log")
     open(log_path, "w").close()
-    started = time.time()
-    if not dry and not torch.cuda.is_available():
-        sys.exit("no CUDA GPU here: run with --dry-run on a CPU")
-    torch.backends.cudnn.benchmark = True  # as train.py
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    jpegs = opts.jpegs or make_jpegs(tempfile.mkdtemp(prefix="gpu_check_jpegs_"), opts.images)
+    set_up_cuda()
+    jpegs = opts.jpegs or make_jpegs(tempfile.mkdtemp(prefix="gpu_check_jpegs_"), opts.images, opts.links)
     gpus = torch.cuda.device_count()
-
-    b0 = ("b0", opts.b0_size, opts.b0_batch)
-    b4 = ("b4", opts.b4_size, opts.b4_batch)
-    decode = train_py_accepts("--decode", "cpu")
-    # (group, label, estimated seconds on an H200, function returning (images/s, peak GiB or note))
-    rows = [
-        ("b0", "torchvision eager", 20, lambda: model_row(opts, "torchvision", *b0)),
-        ("b0", "ours eager (default: plain on CUDA)", 20, lambda: model_row(opts, "ours-plain", *b0)),
-        ("b0", "ours eager, lean activations", 20, lambda: model_row(opts, "ours-lean", *b0)),
-        ("train.py b0", "--data synthetic", 40, lambda: train_py_row(opts, "synthetic", [], log_path)),
-        ("train.py b0", "--data JPEGs --decode cpu" if decode else "--data JPEGs (CPU decode; no --decode flag)", 40,
-         lambda: train_py_row(opts, jpegs, ["--decode", "cpu"] if decode else [], log_path)),
-        ("train.py b0", "--data JPEGs --decode gpu", 40,
-         lambda: train_py_row(opts, jpegs, ["--decode", "gpu"], log_path)),
-        ("b0", "ours --compile", 120, lambda: model_row(opts, "ours", *b0, compiled=True)),
-        ("b4", "torchvision eager", 25, lambda: model_row(opts, "torchvision", *b4)),
-        ("b4", "ours eager (default: plain on CUDA)", 25, lambda: model_row(opts, "ours-plain", *b4)),
-        ("b4", "ours eager, lean activations", 25, lambda: model_row(opts, "ours-lean", *b4)),
-        ("b0", "ours --compile --grad-checkpointing", 120, lambda: model_row(opts, "ours+ckpt", *b0, compiled=True)),
-        ("b0", "ours eager --deterministic", 25, lambda: model_row(opts, "ours-plain", *b0, deterministic=True)),
-        ("b4", "ours --compile", 150, lambda: model_row(opts, "ours", *b4, compiled=True)),
-        ("train.py b0", "--sync-bn, 2 processes", 60,
-         (lambda: sync_bn_row(opts, log_path)) if gpus >= 2 or dry else
-         (lambda: (None, f"not run: {gpus} GPU; SyncBatchNorm needs 2+ processes, one GPU each (train.py "
-                         f"converts only when world size > 1, so a 1-process torchrun is plain BatchNorm)"))),
-        ("b4", "ours --compile --grad-checkpointing", 150, lambda: model_row(opts, "ours+ckpt", *b4, compiled=True)),
-    ]
-    results = []
-    for group, label, estimate, measure in rows:
-        left = opts.budget - (time.time() - started)
-        if not dry and estimate > left:
-            results.append((group, label, None, f"not run: {left:.0f} s of the budget left, needs ~{estimate} s"))
-            continue
-        t0 = time.time()
-        try:
-            rate, extra = measure()
-        except Exception as e:  # one broken row must not cost the others
-            rate, extra = None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
-        note = extra if isinstance(extra, str) else (f"peak {extra:.1f} GiB" if extra else "")
-        results.append((group, label, rate, f"{note}{'; ' if note else ''}{time.time() - t0:.0f} s"))
-        print(f"[{time.time() - started:5.0f} s] {group} | {label} | {rate or '-'} | {results[-1][3]}", flush=True)
-
-    reference = {g: r for g, label, r, _ in results if label == "torchvision eager" and r}
-    reference["train.py b0"] = next((r for g, label, r, _ in results if label == "--data synthetic" and r), None)
-    name = torch.cuda.get_device_name() if not dry else "CPU (dry run: shrunk sizes, not a measurement)"
-    print(f"\n{name}, torch {torch.__version__}, {os.cpu_count()} cores; channels_last; "
-          f"amp {opts.amp}; b0 {opts.b0_size} px batch {opts.b0_batch}, b4 {opts.b4_size} px batch {opts.b4_batch}; "
-          f"{opts.steps} timed steps per model row; CUDA tests: {opts.tests}")
-    print("| group | configuration | train img/s | vs first row of the group | note |")
-    print("|---|---|---:|---:|---|")
-    for group, label, rate, note in results:
-        ref = reference.get(group)
-        ratio = f"{rate / ref:.2f}x" if rate and ref else ""
-        print(f"| {group} | {label} | {f'{rate:.1f}' if rate else '-'} | {ratio} | {note} |")
-    rates = {label: rate for group, label, rate, _ in results if group == "train.py b0" and rate}
-    end_to_end = [r for label, r in rates.items() if "JPEGs" in label]
-    if end_to_end:
-        best = max(end_to_end)
-        hours = EPOCHS * IMAGENET_TRAIN / (GPUS * best) / 3600
-        print(f"\nProjection, NVIDIA's {EPOCHS}-epoch B0 schedule on {GPUS} such GPUs from JPEGs at {best:.0f} img/s "
-              f"per GPU: {hours:.1f} h with perfect scaling, {hours / 0.835:.1f} h at NVIDIA's measured 8-GPU B0 "
-              f"scaling (6.68x of 8); evaluation adds ~{EPOCHS * 50_000 / GPUS / 15_000 / 3600:.2f} h at 15k img/s.")
+    name = torch.cuda.get_device_name() if not s.dry else "CPU (dry run: shrunk sizes, not a measurement)"
+    header = (f"{name}, torch {torch.__version__}, {os.cpu_count()} cores; channels_last; amp {s.amp}; "
+              f"{'x'.join(map(str, s.b0[1:]))} b0 (px x batch), {'x'.join(map(str, s.b4[1:]))} b4; model rows: "
+              f"{s.steps} timed steps after {s.warmup} warm-up; train.py rows: 2 epochs of {s.loop_steps} steps; "
+              f"compiled graphs cached beforehand: {opts.warmed or 'none'}; CUDA tests: {opts.tests}")
+    results = Results(opts.out, header)
+    print(header, flush=True)
+    measure(results, row_plan(s, jpegs, log_path, gpus, opts.warmed.split(",")), opts.budget, started, s)
+    print("\n" + "\n".join(results.table()) + "\n\n" + results.projection())
     with open(os.path.join(opts.out, "gpu_check.json"), "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "tests": opts.tests, "dry_run": dry,
-                   "rows": [{"group": g, "configuration": c, "images_per_sec": r, "note": n} for g, c, r, n in results]},
-                  f, indent=2)
+        json.dump({"device": name, "torch": torch.__version__, "tests": opts.tests, "dry_run": s.dry,
+                   "rows": results.rows, "projection": results.projection()}, f, indent=2)
 
 
 if __name__ == "__main__":
