@@ -63,25 +63,10 @@ READ_ATTEMPTS = 4  # a network file system's transient errors (EIO, ESTALE, time
 READ_BACKOFF_SECONDS = 0.05  # doubled after each failed try: 0.05 + 0.1 + 0.2 s at most
 
 
-class RetryCount:
-    """How many file reads were retried, counted across the loader's worker processes (shared
-    memory, inherited by the workers): the training loop reports it per epoch."""
-
-    def __init__(self):
-        self.shared = multiprocessing.Value("q", 0)
-
-    def add(self, n):
-        with self.shared.get_lock():
-            self.shared.value += n
-
-    @property
-    def value(self):
-        return self.shared.value
-
-
 def read_file(path, retries=None):
     """The bytes of `path`. A read that raises OSError is tried again, after a short backoff, up to
-    READ_ATTEMPTS times in all (each retry counted in `retries`, a RetryCount); then DataError."""
+    READ_ATTEMPTS times in all (each retry counted in `retries`, a multiprocessing.Value shared with
+    the loader's workers: torch's DataLoader passes nothing else back from them); then DataError."""
     for attempt in range(READ_ATTEMPTS):
         try:
             with open(path, "rb") as f:
@@ -91,7 +76,8 @@ def read_file(path, retries=None):
                 raise DataError(f"cannot read image {path}: {e.strerror or e} ({READ_ATTEMPTS} attempts; check the file "
                                 f"system, or remove the file)") from None
             if retries is not None:
-                retries.add(1)
+                with retries.get_lock():
+                    retries.value += 1
             time.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
 
 
@@ -482,7 +468,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, transform, seed=0, decode="cpu"):
         self.root, self.transform, self.seed, self.decode = root, transform, seed, decode
-        self.read_retries = RetryCount()
+        self.read_retries = multiprocessing.Value("q", 0)  # inherited by the workers: one count for all
         self.classes = find_classes(root)
         self.samples, self.skipped_files = [], []
         for label, name in enumerate(self.classes):

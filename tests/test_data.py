@@ -1,5 +1,6 @@
 import importlib.util
 import io
+import multiprocessing
 import os
 import random
 import struct
@@ -811,7 +812,7 @@ def flaky_open(monkeypatch, target, failures):
 def test_flaky_reads_are_retried_and_counted(tmp_path, monkeypatch):
     path = tmp_path / "x.JPEG"
     Image.fromarray(photo(20, 20)).save(path)
-    retries = data.RetryCount()
+    retries = multiprocessing.Value("q", 0)
     flaky_open(monkeypatch, path, failures=data.READ_ATTEMPTS - 1)
     assert data.read_file(str(path), retries) == path.read_bytes()
     assert retries.value == data.READ_ATTEMPTS - 1
