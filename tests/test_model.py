@@ -14,7 +14,7 @@ import efficientnet
 from efficientnet import SCALING, convert_state_dict, create_model
 from conftest import ROOT, randomize_
 
-# MODEL.md: exact parameter counts for 1000 classes (identical in torchvision and timm).
+# ../shared/reference/MODEL.md: exact parameter counts for 1000 classes (identical in torchvision and timm).
 PARAMS = {"b0": 5_288_548, "b1": 7_794_184, "b2": 9_109_994, "b3": 12_233_232,
           "b4": 19_341_616, "b5": 30_389_784, "b6": 43_040_704, "b7": 66_347_960}
 BLOCKS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55}
