@@ -85,7 +85,15 @@ def _this_attempts_store(rank, world_size, timeout):
     ("Connection refused") or to whatever listens there now (a hang). TORCHELASTIC_RESTART_COUNT
     cannot be the prefix: every node's agent counts only its own restarts. So rank 0 publishes a
     fresh token and answers each other rank by a nonce of that rank's; a rank that read a dead
-    attempt's token gets no answer, reads the token again and joins anew."""
+    attempt's token gets no answer, reads the token again and joins anew.
+
+    torch 2.14 still needs it, for static and c10d rendezvous alike (--standalone is c10d): the
+    agent makes the shared store's server once (DynamicRendezvousHandler.next_rendezvous) and keeps
+    it over restarts, and the workers' keys carry no round ("default_pg/0//cpu//0/1" in every
+    attempt); measured here, 2 ranks, rank 0 killed under --max-restarts=1: static 2/8 restarts
+    formed their group, c10d 3/8, --standalone 3/8, with this 8/8.
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment also avoids it, for c10d only
+    (the agent then exports TORCHELASTIC_USE_AGENT_STORE=False and this is not used)."""
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False, timeout=timeout)
     current = "train.py/attempt"
