@@ -73,21 +73,6 @@ def test_checkpoint_keeps_only_the_ranks_own_gpu_random_state(monkeypatch):
     assert node_of_8.states[5].tolist() == [5] * 4
 
 
-def test_older_checkpoints_with_every_gpus_random_state_still_load(monkeypatch):
-    gpus = FakeGenerators(monkeypatch, 8)
-    old = utils.rng_state()  # the CPU generators, then the list earlier versions stored
-    old["cuda"] = [torch.full((4,), 10 + i, dtype=torch.uint8) for i in range(8)]
-    note = utils.set_rng_state(old, torch.device("cuda", 5))
-    assert gpus.states[5].tolist() == [15] * 4 and "cuda:5 takes entry 5" in note
-    old["cuda"] = old["cuda"][:1]  # a process that saw one GPU: that one was its own
-    assert utils.set_rng_state(old, torch.device("cuda", 2)) is None and gpus.states[2].tolist() == [10] * 4
-    old["cuda"] = [torch.full((4,), 20 + i, dtype=torch.uint8) for i in range(4)]
-    note = utils.set_rng_state(old, torch.device("cuda", 6))
-    assert gpus.states[6].tolist() == [6] * 4  # no entry for it: left as seeded
-    assert note == ("note: the checkpoint holds CUDA random states of 4 GPUs, none for cuda:6; "
-                    "its generator starts from the seed")
-
-
 # ------------------------------------------------------------------------------ GradScaler on resume
 
 def fp16_on_the_cpu(monkeypatch):
