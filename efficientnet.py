@@ -349,7 +349,9 @@ class EfficientNet(nn.Module):
         self.head_conv = nn.Conv2d(stages[-1].out_channels, head, 1, bias=False)
         self.head_bn = norm(head)
         self.head_act = BatchNormSiLU(lean_activations)
-        self.dropout = nn.Dropout(dropout)
+        # In place, as torchvision's: one seed then draws the same mask in both on CUDA too (there
+        # the out-of-place nn.Dropout takes another kernel); the pooled features are read by nothing else.
+        self.dropout = nn.Dropout(dropout, inplace=True)
         self.classifier = nn.Linear(head, num_classes)
         self.num_features = head
         self.grad_checkpointing = False
