@@ -17,6 +17,7 @@ those with `create_model("b5", bn_eps=1e-3, bn_momentum=0.01)` before loading th
 `tf_efficientnet_bX` (Google's TF checkpoints: plain, AutoAugment, AdvProp, Noisy Student) need TF's
 "SAME" padding and BatchNorm: build them by that name, `create_model("tf_efficientnet_b0")`.
 """
+import contextlib
 import math
 import re
 from typing import NamedTuple
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 # The B0 network, one row per stage. Only the first block of a stage has the stage's stride and
 # input width; the others have stride 1 and in == out.
@@ -40,6 +42,16 @@ B0_STAGES = [
 ]
 B0_STEM = 32
 B0_HEAD = 1280
+
+
+class Stage(NamedTuple):
+    """A row of B0_STAGES, or of a member's stages (widths and repeats scaled)."""
+    expand: int  # expansion ratio of the block's 1x1 conv
+    kernel: int  # depthwise kernel size
+    stride: int  # of the stage's first block
+    in_channels: int
+    out_channels: int
+    repeats: int  # blocks in the stage
 
 
 class Scaling(NamedTuple):
@@ -154,51 +166,32 @@ class DropPath(nn.Module):
         return f"rate={self.rate:.4f}"
 
 
-class _BatchNormSiLU(torch.autograd.Function):
-    """Training-mode BatchNorm followed by SiLU as one autograd node that keeps only its input x.
-    The standard pair keeps x (for BatchNorm), BN(x) (for SiLU) and, once more, its output (for the
-    next layer); here BN(x) is recomputed in backward (one cheap pass) into a buffer that then takes
-    the SiLU gradient in place. One activation-sized tensor less stored, and allocated, per pair."""
+class BatchNormSiLU(nn.Module):
+    """SiLU(bn(x)), `bn` being a BatchNorm the block owns and passes in: `self.dw_act(x, self.dw_bn)`.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        return F.silu(y, inplace=True)
+    Why the norm is passed in, not owned or subclassed: checkpoints need it as the block's own
+    child (keys `dw_bn.weight`...), and torch's `nn.SyncBatchNorm.convert_sync_batchnorm` swaps
+    every BatchNorm module it finds for a plain SyncBatchNorm. A BatchNorm2d subclass applying SiLU
+    would come out of the swap without its SiLU; a module holding the norm's parameters itself
+    would hide them from the swap (no synchronisation); one holding the BatchNorm as a child would
+    rename the keys (`dw_bn.bn.weight`). Holding no state, this module applies SiLU after whatever
+    norm the block has, SyncBatchNorm included.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        scale = invstd * weight  # BN(x) = x * scale + shift, per channel, in float32
-        shift = bias - mean * scale
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(shift.view(view), x, scale.view(view), out=torch.empty_like(x))
-        torch.ops.aten.silu_backward.grad_input(grad, y, grad_input=y)  # y now holds dL/dBN(x)
-        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return dx, dweight, dbias, None, None, None, None
+    In training, with `lean` (the model's `lean_activations`), a plain BatchNorm2d takes the
+    memory-saving path at the end of this file; anything else runs the two operations as they are."""
 
+    def __init__(self, lean=None):
+        super().__init__()
+        self.lean = lean
 
-def _use_lean(lean, x):
-    """`lean_activations` None (the default) means: lean for CPU tensors only. On a CPU the lean path
-    measured 1.5x torchvision's training speed; on an H200 (bf16) an earlier form ran at 0.78x."""
-    return x.device.type == "cpu" if lean is None else lean
-
-
-def bn_silu(bn, x, lean=None):
-    """SiLU(BatchNorm(x)). A function, not a module, so that torch's convert_sync_batchnorm (which
-    swaps BatchNorm modules for SyncBatchNorm) keeps the activation. With `lean`, a plain
-    BatchNorm2d in training takes the memory-saving path; otherwise, and under torch.compile (whose
-    inductor fuses and recomputes such pairs itself), the two modules run as they are."""
-    if not torch.is_grad_enabled() or not bn.training:  # eval mode: one graph whatever the grad mode (tracing)
-        return F.silu(bn(x), inplace=True)
-    if (not _use_lean(lean, x) or type(bn) is not nn.BatchNorm2d or not bn.training or not bn.track_running_stats
-            or bn.momentum is None or torch.compiler.is_compiling()):
+    def forward(self, x, bn):
+        if not (bn.training and torch.is_grad_enabled()):
+            # Inference: SiLU in place. Eval mode takes this path whatever the grad mode, so export
+            # and tracing (grad on) record the graph inference runs.
+            return F.silu(bn(x), inplace=True)
+        if _lean(self.lean, x) and type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.momentum is not None:
+            return _lean_batchnorm_silu(x, bn)
         return F.silu(bn(x))
-    bn.num_batches_tracked.add_(1)  # as BatchNorm2d.forward does
-    return _BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
 
 
 class SqueezeExcite(nn.Module):
@@ -220,28 +213,22 @@ class SqueezeExcite(nn.Module):
 
 
 class GatedProjection(nn.Module):
-    """The block's 1x1 projection conv applied to x * gate. With `lean`, in training, the gate
-    (N, C) is folded into per-sample weights instead: one batched matrix product, and x * gate, a
-    tensor as large as the block's widest, is neither computed, stored for backward, nor
-    differentiated through. The per-sample weights (N, out, in) are stored instead, which is less
-    only while H * W > out: smaller maps (the last stages, small images) and inference take the
-    plain conv. `weight` has nn.Conv2d's shape (out, in, 1, 1): state dicts are a 1x1 conv's."""
+    """The block's 1x1 projection conv applied to x * gate, gate (N, C) being squeeze-excite's
+    channel weights. `weight` has nn.Conv2d's shape (out, in, 1, 1): state dicts are a 1x1 conv's.
+    In training, with `lean`, the gate is folded into the weights instead (end of this file)."""
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, lean=None):
         super().__init__()
+        self.lean = lean
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
 
-    def forward(self, x, gate, lean=None):
-        n, c, h, w = x.shape
-        # Training only: evaluation and export (eval mode) always meet the plain conv.
-        if (not _use_lean(lean, x) or not self.training or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or h * w <= self.weight.shape[0]):
-            return F.conv2d(x * gate[:, :, None, None], self.weight)
-        weight = self.weight.flatten(1)[None] * gate[:, None, :]  # (N, out, in)
-        if x.is_contiguous(memory_format=torch.channels_last):  # rows of (H*W, C): no copies
-            out = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), weight.transpose(1, 2))
-            return out.view(n, h, w, -1).permute(0, 3, 1, 2)
-        return torch.bmm(weight, x.reshape(n, c, h * w)).view(n, -1, h, w)
+    def forward(self, x, gate):
+        # The fold stores per-sample weights (N, out, in) instead of x * gate (N, in, H, W): less
+        # only while H * W > out, so the last stages and small images keep the plain conv.
+        if (self.training and torch.is_grad_enabled() and _lean(self.lean, x)
+                and x.shape[2] * x.shape[3] > self.weight.shape[0]):
+            return _gate_folded_projection(x, gate, self.weight)
+        return F.conv2d(x * gate[:, :, None, None], self.weight)
 
     def extra_repr(self):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size=(1, 1), bias=False"
@@ -253,16 +240,20 @@ class MBConv(nn.Module):
     def __init__(self, in_channels, out_channels, expand, kernel, stride, drop_path_rate, norm, lean=None,
                  same_padding=False):
         super().__init__()
-        self.lean = lean
         mid = in_channels * expand
         self.has_residual = stride == 1 and in_channels == out_channels
-        self.expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False) if expand != 1 else None
-        self.expand_bn = norm(mid) if expand != 1 else None
+        if expand != 1:
+            self.expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False)
+            self.expand_bn = norm(mid)
+            self.expand_act = BatchNormSiLU(lean)
+        else:  # B0's first stage: no expansion
+            self.expand_conv = None
         self.dw_conv = conv(mid, mid, kernel, stride, groups=mid, same_padding=same_padding)
         self.dw_bn = norm(mid)
+        self.dw_act = BatchNormSiLU(lean)
         # Paper quirk: the squeeze width comes from the block's INPUT channels, not the expanded ones.
         self.se = SqueezeExcite(mid, max(1, in_channels // 4))
-        self.project_conv = GatedProjection(mid, out_channels)
+        self.project_conv = GatedProjection(mid, out_channels, lean)
         self.project_bn = norm(out_channels)
         self.drop_path = DropPath(drop_path_rate) if self.has_residual else nn.Identity()
 
@@ -270,54 +261,54 @@ class MBConv(nn.Module):
         shortcut = x
         if self.expand_conv is not None:
             x = self.expand_conv(x)
-            x = bn_silu(self.expand_bn, x, self.lean)
+            x = self.expand_act(x, self.expand_bn)
         x = self.dw_conv(x)
-        x = bn_silu(self.dw_bn, x, self.lean)
+        x = self.dw_act(x, self.dw_bn)
         gate = self.se(x)
-        x = self.project_conv(x, gate, self.lean)  # 1x1 conv of x * gate (the squeeze-excite scaling)
+        x = self.project_conv(x, gate)  # 1x1 conv of x * gate (the squeeze-excite scaling)
         x = self.project_bn(x)  # linear bottleneck: no activation
         if self.has_residual:
             x = self.drop_path(x) + shortcut
         return x
 
 
+class _RunningStatsFrozen:
+    """Context manager (reusable): inside, the BatchNorm running statistics of `module` stay as
+    they are (momentum 0, the batch count restored on exit)."""
+
+    def __init__(self, module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc_info):
+        for m, (momentum, tracked) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
 def _forward_recompute(block, x):
     """Run `block` under activation checkpointing. The recomputation in backward must not move the
-    BatchNorm running statistics a second time, so it runs with momentum 0 (running stats kept).
-    Compiled graphs apply a buffer update once whatever they recompute, and cannot trace this
-    wrapper's Python state (a graph break per block): they get the plain checkpoint."""
+    BatchNorm running statistics a second time, so it runs with them frozen. Compiled graphs apply
+    a buffer update once whatever they recompute, and take no such context (torch.compile accepts
+    only its own there): they get the plain checkpoint."""
     if torch.compiler.is_compiling():
         return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-    calls = []
-
-    def run(inp):
-        if not calls:
-            calls.append(1)
-            return block(inp)
-        bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-        for m in bns:
-            m.momentum = 0.0
-        try:
-            return block(inp)
-        finally:
-            for m, (momentum, tracked) in zip(bns, saved):
-                m.momentum = momentum
-                m.num_batches_tracked.copy_(tracked)
-
-    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    contexts = (contextlib.nullcontext(), _RunningStatsFrozen(block))  # (forward, recomputation)
+    return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=lambda: contexts)
 
 
 class EfficientNet(nn.Module):
     """`lean_activations` stores fewer activations for backward: BatchNorm+SiLU pairs keep only
     their input and recompute the normalisation in backward, and the squeeze-excite gate is folded
-    into the projection's weights. Same results and state dicts either way; measured
-    (benchmarks/bench_model.py, b0 224 px): on a CPU 0.66x torchvision's peak training memory at
-    1.5x its speed; on an H200 in bf16 an earlier form of it ran at 0.78x torchvision's speed. So
-    the default, None, is lean for CPU tensors and torchvision's operations elsewhere (decided
-    per forward from the input's device); True / False force either. Under torch.compile the plain
-    operations are traced either way.
-    Evaluation and export (eval mode) always run the plain operations.
+    into the projection's weights (the section at the end of this file). Same results and state
+    dicts either way. It pays on CPUs and not on GPUs (benchmarks/README.md has the figures), so
+    the default, None, is lean for CPU tensors and torchvision's operations elsewhere (decided per
+    forward from the input's device); True / False force either. Under torch.compile the plain
+    operations are traced either way, and evaluation and export (eval mode) always run them.
 
     `same_padding` pads the strided convolutions as TensorFlow's "SAME" does (see SamePadConv2d), as
     Google's checkpoints (timm's `tf_efficientnet_bX`) need; the default pads symmetrically (k // 2)
@@ -326,7 +317,6 @@ class EfficientNet(nn.Module):
     def __init__(self, width=1.0, depth=1.0, dropout=0.2, num_classes=1000, drop_path_rate=0.2,
                  bn_eps=1e-5, bn_momentum=0.1, lean_activations=None, stages=B0_STAGES, same_padding=False):
         super().__init__()
-        self.lean_activations = lean_activations
         self.same_padding = same_padding
 
         def norm(channels):
@@ -335,28 +325,33 @@ class EfficientNet(nn.Module):
         stem = round_filters(B0_STEM, width)
         self.stem_conv = conv(3, stem, 3, 2, same_padding=same_padding)
         self.stem_bn = norm(stem)
+        self.stem_act = BatchNormSiLU(lean_activations)
 
-        rows = [(e, k, s, round_filters(i, width), round_filters(o, width), round_repeats(r, depth))
-                for e, k, s, i, o, r in stages]
-        num_blocks = sum(r for *_, r in rows)
+        stages = [Stage(e, k, s, round_filters(i, width), round_filters(o, width), round_repeats(r, depth))
+                  for e, k, s, i, o, r in stages]
+        num_blocks = sum(stage.repeats for stage in stages)
         blocks = []
-        for expand, kernel, stride, in_ch, out_ch, repeats in rows:
-            for j in range(repeats):
+        for stage in stages:
+            for j in range(stage.repeats):
                 # Paper quirk: the drop-path rate grows linearly with the GLOBAL block index.
                 rate = drop_path_rate * len(blocks) / num_blocks
-                blocks.append(MBConv(in_ch if j == 0 else out_ch, out_ch, expand, kernel,
-                                     stride if j == 0 else 1, rate, norm, lean_activations, same_padding))
+                in_channels, stride = (stage.in_channels, stage.stride) if j == 0 else (stage.out_channels, 1)
+                blocks.append(MBConv(in_channels, stage.out_channels, stage.expand, stage.kernel, stride, rate, norm,
+                                     lean_activations, same_padding))
         self.blocks = nn.Sequential(*blocks)
         # Backbone outputs: the last block before each stride-2 block, and the last one (timm's
         # features_only). The stem halves the resolution, so these are at strides 2, 4, 8, 16, 32.
-        strides = [stride if j == 0 else 1 for _, _, stride, _, _, repeats in rows for j in range(repeats)]
+        strides = [stage.stride if j == 0 else 1 for stage in stages for j in range(stage.repeats)]
         self.feature_blocks = [i for i in range(num_blocks) if i + 1 == num_blocks or strides[i + 1] > 1]
         self.feature_channels = [blocks[i].project_bn.num_features for i in self.feature_blocks]
 
         head = round_filters(B0_HEAD, width)
-        self.head_conv = nn.Conv2d(rows[-1][4], head, 1, bias=False)
+        self.head_conv = nn.Conv2d(stages[-1].out_channels, head, 1, bias=False)
         self.head_bn = norm(head)
-        self.dropout = nn.Dropout(dropout)
+        self.head_act = BatchNormSiLU(lean_activations)
+        # In place, as torchvision's: one seed then draws the same mask in both on CUDA too (there
+        # the out-of-place nn.Dropout takes another kernel); the pooled features are read by nothing else.
+        self.dropout = nn.Dropout(dropout, inplace=True)
         self.classifier = nn.Linear(head, num_classes)
         self.num_features = head
         self.grad_checkpointing = False
@@ -388,33 +383,31 @@ class EfficientNet(nn.Module):
         """Recompute each block's activations in backward instead of storing them (less memory)."""
         self.grad_checkpointing = enable
 
-    def forward_features(self, x):
-        """(N, 3, H, W) -> (N, num_features, H/32, W/32), before pooling."""
+    def _stem_and_blocks(self, x, keep):
+        """(N, 3, H, W) through the stem and the blocks -> the outputs of the blocks numbered in `keep`."""
         x = self.stem_conv(x)
-        x = bn_silu(self.stem_bn, x, self.lean_activations)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = _forward_recompute(block, x)
-            else:
-                x = block(x)
-        x = self.head_conv(x)
-        x = bn_silu(self.head_bn, x, self.lean_activations)
-        return x
-
-    def feature_maps(self, x):
-        """(N, 3, H, W) -> the maps at strides 2, 4, 8, 16 and 32, with `feature_channels` channels:
-        a backbone for detection or segmentation (the head conv and classifier are not run)."""
-        x = self.stem_conv(x)
-        x = bn_silu(self.stem_bn, x, self.lean_activations)
-        maps = []
+        x = self.stem_act(x, self.stem_bn)
+        outputs = []
         for index, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = _forward_recompute(block, x)
             else:
                 x = block(x)
-            if index in self.feature_blocks:
-                maps.append(x)
-        return maps
+            if index in keep:
+                outputs.append(x)
+        return outputs
+
+    def forward_features(self, x):
+        """(N, 3, H, W) -> (N, num_features, H/32, W/32), before pooling."""
+        (x,) = self._stem_and_blocks(x, keep=[len(self.blocks) - 1])
+        x = self.head_conv(x)
+        x = self.head_act(x, self.head_bn)
+        return x
+
+    def feature_maps(self, x):
+        """(N, 3, H, W) -> the maps at strides 2, 4, 8, 16 and 32, with `feature_channels` channels:
+        a backbone for detection or segmentation (the head conv and classifier are not run)."""
+        return self._stem_and_blocks(x, keep=self.feature_blocks)
 
     def forward(self, x):
         x = self.forward_features(x)
@@ -445,25 +438,24 @@ _TORCHVISION = {False: ["block.0.0", "block.0.1", "block.1.fc1", "block.1.fc2", 
                        "block.3.0", "block.3.1"]}
 _TIMM = {False: ["conv_dw", "bn1", "se.conv_reduce", "se.conv_expand", "conv_pw", "bn2"],
          True: ["conv_pw", "bn1", "conv_dw", "bn2", "se.conv_reduce", "se.conv_expand", "conv_pwl", "bn3"]}
+
+
+class _Layout(NamedTuple):
+    marker: str  # a key that identifies the layout
+    block_key: str  # regex of a block's keys: (stage, block in the stage, the rest)
+    block_names: dict  # {has an expand conv: sub-module names in a block, in _OURS's order}
+    outer_names: dict  # sub-module names outside the blocks -> ours
+
+
 _LAYOUTS = {
-    # name: (key that identifies it, block-key regex, per-block names, names outside the blocks)
-    "torchvision": ("features.0.0.weight", r"features\.([1-7])\.(\d+)\.(.+)", _TORCHVISION,
-                    {"features.0.0": "stem_conv", "features.0.1": "stem_bn", "features.8.0": "head_conv",
-                     "features.8.1": "head_bn", "classifier.1": "classifier"}),
-    "timm": ("conv_stem.weight", r"blocks\.(\d+)\.(\d+)\.(.+)", _TIMM,
-             {"conv_stem": "stem_conv", "bn1": "stem_bn", "conv_head": "head_conv", "bn2": "head_bn",
-              "classifier": "classifier"}),
+    "torchvision": _Layout("features.0.0.weight", r"features\.([1-7])\.(\d+)\.(.+)", _TORCHVISION,
+                           {"features.0.0": "stem_conv", "features.0.1": "stem_bn", "features.8.0": "head_conv",
+                            "features.8.1": "head_bn", "classifier.1": "classifier"}),
+    "timm": _Layout("conv_stem.weight", r"blocks\.(\d+)\.(\d+)\.(.+)", _TIMM,
+                    {"conv_stem": "stem_conv", "bn1": "stem_bn", "conv_head": "head_conv", "bn2": "head_bn",
+                     "classifier": "classifier"}),
 }
-
-
-def _strip_prefixes(key):
-    while True:
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        else:
-            return key
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, nested in either order
 
 
 def _split(key, names):
@@ -516,31 +508,34 @@ def _convert(state_dict):
     """-> (state_dict in this file's layout, name of the layout it was read as)."""
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
-    state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
-    layout = next((name for name, spec in _LAYOUTS.items() if spec[0] in state_dict), "efficientnet.py")
+    state_dict = dict(state_dict)  # (torch's consume_prefix_in_state_dict_if_present works in place)
+    while any(key.startswith(_WRAPPER_PREFIXES) for key in state_dict):
+        for prefix in _WRAPPER_PREFIXES:
+            consume_prefix_in_state_dict_if_present(state_dict, prefix)
+    layout = next((name for name, spec in _LAYOUTS.items() if spec.marker in state_dict), "efficientnet.py")
     if layout == "efficientnet.py":
         if "stem_conv.weight" not in state_dict:
             raise ValueError("state dict is not an EfficientNet of torchvision, timm or efficientnet.py: "
                              "expected a key 'features.0.0.weight', 'conv_stem.weight' or 'stem_conv.weight' "
                              f"(first keys: {', '.join(list(state_dict)[:4])})")
-        converted, unknown = dict(state_dict), []
+        converted, unknown = state_dict, []
     else:
-        _, pattern, block_names, outer = _LAYOUTS[layout]
+        spec = _LAYOUTS[layout]
         converted, unknown, blocks = {}, [], {}
         for key, value in state_dict.items():
-            match = re.fullmatch(pattern, key)
+            match = re.fullmatch(spec.block_key, key)
             if match:  # group by (stage, block) to number the blocks globally afterwards
                 blocks.setdefault((int(match[1]), int(match[2])), {})[match[3]] = (key, value)
                 continue
-            part = _split(key, outer)
+            part = _split(key, spec.outer_names)
             if part is None:
                 unknown.append(key)
             else:
-                converted[f"{outer[part[0]]}.{part[1]}"] = value
+                converted[f"{spec.outer_names[part[0]]}.{part[1]}"] = value
         for index, (_, params) in enumerate(sorted(blocks.items())):
             # Blocks with an expand conv have one more conv+BN; the last name exists only in them.
-            expanded = any(_split(rest, block_names[True][-1:]) for rest in params)
-            theirs, ours = block_names[expanded], _OURS[expanded]
+            expanded = any(_split(rest, spec.block_names[True][-1:]) for rest in params)
+            theirs, ours = spec.block_names[expanded], _OURS[expanded]
             for rest, (key, value) in params.items():
                 part = _split(rest, theirs)
                 if part is None:
@@ -566,3 +561,61 @@ def _check_against(converted, expected, layout):
         raise ValueError(f"state dict (read as {layout} layout) does not fit this model "
                          f"({len(expected)} keys expected; is it another member or num_classes?): "
                          + "; ".join(problems))
+
+
+# =================================================================================================
+# Lean activations: the memory-saving training path of BatchNormSiLU and GatedProjection, which
+# choose it themselves (above). It gives the same results and state dicts as the plain operations
+# with fewer activations kept for backward; torch.compile (whose inductor fuses and recomputes such
+# pairs itself), evaluation and export always meet the plain operations.
+
+def _lean(lean, x):
+    """`lean_activations` None (the default) means: lean for CPU tensors only, where it pays
+    (benchmarks/README.md). Never while compiling."""
+    return (x.device.type == "cpu" if lean is None else lean) and not torch.compiler.is_compiling()
+
+
+class _BatchNormSiLU(torch.autograd.Function):
+    """Training-mode BatchNorm followed by SiLU as one autograd node that keeps only its input x.
+    The standard pair keeps x (for BatchNorm), BN(x) (for SiLU) and, once more, its output (for the
+    next layer); here BN(x) is recomputed in backward (one cheap pass) into a buffer that then takes
+    the SiLU gradient in place. One activation-sized tensor less stored, and allocated, per pair."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        scale = invstd * weight  # BN(x) = x * scale + shift, per channel, in float32
+        shift = bias - mean * scale
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(shift.view(view), x, scale.view(view), out=torch.empty_like(x))
+        torch.ops.aten.silu_backward.grad_input(grad, y, grad_input=y)  # y now holds dL/dBN(x)
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return dx, dweight, dbias, None, None, None, None
+
+
+def _lean_batchnorm_silu(x, bn):
+    """SiLU(bn(x)) for a training BatchNorm2d with running statistics and a momentum."""
+    bn.num_batches_tracked.add_(1)  # as BatchNorm2d.forward does
+    return _BatchNormSiLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+
+
+def _gate_folded_projection(x, gate, weight):
+    """conv2d(x * gate, weight) with the gate (N, C) folded into per-sample weights (N, out, C): one
+    batched matrix product, and x * gate, a tensor as large as the block's widest, is neither
+    computed, stored for backward, nor differentiated through."""
+    n, c, h, w = x.shape
+    weight = weight.flatten(1)[None] * gate[:, None, :]  # (N, out, in)
+    if x.is_contiguous(memory_format=torch.channels_last):  # rows of (H*W, C): no copies
+        out = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, c), weight.transpose(1, 2))
+        return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return torch.bmm(weight, x.reshape(n, c, h * w)).view(n, -1, h, w)
+# =================================================================================================
