@@ -207,32 +207,89 @@ def resized_crop(pixels, box, size):
     return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
+AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment", "augmix")  # --augment
+RANDAUGMENT_BINS = 31  # torchvision's default: bin b applies b/30 of each op's largest change
+
+
+def randaugment_bin(magnitude):
+    """timm's RandAugment magnitude M (0..10: M/10 of each op's largest change) -> the nearest of
+    torchvision's 31 bins (b/30 of it): round(3 M), exact for whole M and thirds (9 -> 27), at most
+    half a bin (1/60 of the largest change) off otherwise. Clipped to 0..10 as timm clips."""
+    return round(min(10.0, max(0.0, magnitude)) * 3)
+
+
+def progressive_size(epoch, start, end, ramp_epochs):
+    """--progressive-resize: the train size of `epoch` (0-based), linear from `start` at epoch 0 to
+    `end` at `ramp_epochs` and after; sizes on the way rounded to multiples of 32 px (never above
+    `end`, which is kept as it is). A pure function of the epoch: a resumed run trains each epoch at
+    the size it would have had."""
+    if epoch >= ramp_epochs:
+        return end
+    size = start + (end - start) * epoch / ramp_epochs
+    return min(end, max(32, 32 * round(size / 32)))
+
+
 class TrainTransform:
-    """RandomResizedCrop (bicubic) + horizontal flip [+ AutoAugment], uint8 (H, W, 3) out.
-    One resize of the crop region only; no float image is ever made."""
+    """RandomResizedCrop (bicubic) + horizontal flip [+ one of torchvision's AutoAugment, RandAugment,
+    TrivialAugmentWide, AugMix], uint8 (H, W, 3) out. One resize of the crop region only; no float
+    image is ever made. `size` is the train size; with `resize_from`, epoch e trains at
+    progressive_size(e, resize_from, size, resize_epochs). RandAugment's magnitude is on timm's
+    0..10 scale; with `magnitude_std` each of its two ops draws its own ~ N(magnitude, std), as
+    timm's `rand-m9-mstd0.5` does."""
 
-    def __init__(self, size, min_scale=0.08, autoaugment=False):
-        self.size = size
+    def __init__(self, size, min_scale=0.08, autoaugment=False, augment=None, magnitude=9.0, magnitude_std=0.0,
+                 resize_from=0, resize_epochs=0):
+        self.size, self.resize_from, self.resize_epochs = size, resize_from, resize_epochs
         self.scale = (min_scale, 1.0)
-        self.autoaugment = None
-        if autoaugment:
-            from torchvision.transforms import AutoAugment, AutoAugmentPolicy
-            self.autoaugment = AutoAugment(AutoAugmentPolicy.IMAGENET)
+        self.augment = augment or ("autoaugment" if autoaugment else "none")
+        self.magnitude, self.magnitude_std = magnitude, magnitude_std
+        if self.augment == "randaugment":  # one op per call, so that each op can have its own magnitude
+            self.op = [augment_op("randaugment", b) for b in range(RANDAUGMENT_BINS)]
+        else:
+            self.op = augment_op(self.augment)
 
-    def __call__(self, img, rng):
+    def size_at(self, epoch):
+        return progressive_size(epoch, self.resize_from, self.size, self.resize_epochs) if self.resize_from else self.size
+
+    def __call__(self, img, rng, epoch=0):
         """`img`: a PIL image or uint8 (H, W, 3) pixels."""
         pixels = img if isinstance(img, torch.Tensor) else to_uint8_hwc(img)
         box = random_resized_crop_box(pixels.shape[1], pixels.shape[0], rng, self.scale)
-        x = resized_crop(pixels, box, self.size)
+        x = resized_crop(pixels, box, self.size_at(epoch))
         if rng.random() < 0.5:
             x = x.flip(-1)
-        if self.autoaugment is not None:
-            # torchvision's AutoAugment draws from torch's global RNG: seed it from this sample's
-            # generator inside fork_rng so that the caller's RNG stream is left as it was.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng.getrandbits(63))
-                x = self.autoaugment(x)
+        if self.op is not None:
+            x = self.augmented(x, rng)
         return x.permute(1, 2, 0).contiguous()
+
+    def augmented(self, x, rng):
+        # torchvision's ops draw from torch's global RNG: seed it from this sample's generator
+        # inside fork_rng, so that the caller's RNG stream is left as it was.
+        seed = rng.getrandbits(63)
+        if self.augment == "randaugment":  # timm draws each op's magnitude; the ops' choice stays torchvision's
+            draws = [rng.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+                     for _ in range(2)]
+            ops = [self.op[randaugment_bin(m)] for m in draws]
+        else:
+            ops = [self.op]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for op in ops:
+                x = op(x)
+        return x
+
+
+def augment_op(name, magnitude_bin=None):
+    """torchvision's op for --augment `name` at its defaults (ImageNet policy; TrivialAugment's wide
+    space, 31 bins; AugMix severity 3, width 3; RandAugment: one op of `magnitude_bin` of 31), on
+    uint8 (3, H, W), with bilinear geometric ops as torchvision's reference training passes them;
+    None for "none"."""
+    import torchvision.transforms as T
+    bilinear = T.InterpolationMode.BILINEAR
+    return {"autoaugment": lambda: T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, bilinear),
+            "randaugment": lambda: T.RandAugment(1, magnitude_bin, RANDAUGMENT_BINS, bilinear),
+            "trivialaugment": lambda: T.TrivialAugmentWide(RANDAUGMENT_BINS, bilinear),
+            "augmix": lambda: T.AugMix(interpolation=bilinear), "none": lambda: None}[name]()
 
 
 class ValTransform:
@@ -243,7 +300,7 @@ class ValTransform:
         self.size, self.resize = size, resize
         self.interpolation = {"bicubic": BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
 
-    def __call__(self, img, rng=None):
+    def __call__(self, img, rng=None, epoch=0):
         if isinstance(img, torch.Tensor):  # libjpeg-turbo's pixels: PIL resizes them as its own
             img = Image.fromarray(img.numpy())
         w, h = img.size
@@ -257,9 +314,18 @@ class ValTransform:
         return to_uint8_hwc(img.crop((left, top, left + self.size, top + self.size)))
 
 
-def sample_rng(seed, epoch, index):
-    """The generator of one sample's augmentation: a pure function of (seed, epoch, index)."""
-    return random.Random(f"{seed}/{epoch}/{index}")
+def sample_rng(seed, epoch, index, copy=0):
+    """The generator of one sample's augmentation: a pure function of (seed, epoch, index), and of
+    which of its --repeated-aug copies it is (copy 0 draws what a run without repeats draws)."""
+    return random.Random(f"{seed}/{epoch}/{index}" if copy == 0 else f"{seed}/{epoch}/{index}/{copy}")
+
+
+def sample_key(item):
+    """A sampler's item -> (index, epoch, copy): a plain index, TrainSampler's (index, epoch), or
+    with --repeated-aug (index, epoch, copy)."""
+    if not isinstance(item, tuple):
+        return item, 0, 0
+    return (*item, 0) if len(item) == 2 else item
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +342,13 @@ class EncodedTrainTransform:
     BatchDecoder crops and resizes both kinds alike. ImageFolder(..., decode="gpu") calls it with
     the file's path and bytes in place of decoded pixels."""
 
-    def __init__(self, size, min_scale=0.08):
-        self.size = size
+    def __init__(self, size, min_scale=0.08, resize_from=0, resize_epochs=0):
+        self.size, self.resize_from, self.resize_epochs = size, resize_from, resize_epochs
         self.scale = (min_scale, 1.0)
 
-    def __call__(self, path, encoded, rng):
+    size_at = TrainTransform.size_at
+
+    def __call__(self, path, encoded, rng, epoch=0):
         size, jpeg = takes_jpeg_decoder(encoded)
         if jpeg:
             content, shape = encoded, None
@@ -289,7 +357,7 @@ class EncodedTrainTransform:
             size, content, shape = (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes(), pixels.shape
         box = random_resized_crop_box(*size, rng, self.scale)
         flip = rng.random() < 0.5
-        return EncodedSample(path, content, shape, box, flip, self.size)
+        return EncodedSample(path, content, shape, box, flip, self.size_at(epoch))
 
 
 class EncodedSample:
@@ -417,7 +485,8 @@ class BatchDecoder:
 
 
 # ---------------------------------------------------------------------------------------------
-# Datasets. Items are addressed by `index` or by `(index, epoch)` (what TrainSampler yields).
+# Datasets. Items are addressed by `index`, or by what TrainSampler yields: `(index, epoch)`, and
+# `(index, epoch, copy)` with --repeated-aug (sample_key).
 
 def find_classes(folder):
     if not os.path.isdir(folder):
@@ -486,13 +555,13 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        index, epoch, copy = sample_key(item)
         path, label = self.samples[index]
         encoded = read_file(path, self.read_retries)
-        rng = sample_rng(self.seed, epoch, index)
+        rng = sample_rng(self.seed, epoch, index, copy)
         if self.decode == "gpu":  # the worker's half of GPU decoding: bytes, box and flip only
-            return self.transform(path, encoded, rng), label
-        return self.transform(decode_rgb(path, encoded), rng), label
+            return self.transform(path, encoded, rng, epoch), label
+        return self.transform(decode_rgb(path, encoded), rng, epoch), label
 
 
 class DemoShapes(torch.utils.data.Dataset):
@@ -547,9 +616,9 @@ class DemoShapes(torch.utils.data.Dataset):
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), label
 
     def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        index, epoch, copy = sample_key(item)
         img, label = self.render(index)
-        return self.transform(img, sample_rng(self.seed, epoch, index)), label
+        return self.transform(img, sample_rng(self.seed, epoch, index, copy), epoch), label
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -566,22 +635,27 @@ class Synthetic(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, item):
-        index = item[0] if isinstance(item, tuple) else item
+        index = sample_key(item)[0]
         return self.images[index % len(self.images)], (index * 7919) % 1000
 
 
 def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, autoaugment=False,
-                   with_train=True, decode="cpu", val_interpolation="bicubic"):
+                   with_train=True, decode="cpu", val_interpolation="bicubic", train_size=None, augment=None,
+                   magnitude=9.0, magnitude_std=0.0, resize_from=0, resize_epochs=0):
     """(train, val) datasets for DATA, 'demo' or 'synthetic'; train is None without `with_train`
     (evaluation only: DATA/train need not exist). Train and val must have the same classes.
+    `image_size` is the eval size, `train_size` the train size (default: the same; see
+    TrainTransform for the augmentation and progressive resizing arguments).
     decode="gpu": the train set yields EncodedSamples for DeviceLoader to decode (DATA only)."""
     if data in BUILT_IN_DATA and os.path.isdir(data):  # refused, not shadowed: ./demo names the folder
         raise DataError(f"--data {data} names the built-in {data} set, but ./{data} is also a folder here: pass "
                         f"--data ./{data} to train on the folder, or run from another directory for the built-in set")
+    train_size = train_size or image_size
     if data == "synthetic":
-        return Synthetic("train", image_size, seed) if with_train else None, Synthetic("val", image_size, seed)
-    train_tf = EncodedTrainTransform(image_size, min_crop_scale) if decode == "gpu" else \
-        TrainTransform(image_size, min_crop_scale, autoaugment)
+        return Synthetic("train", train_size, seed) if with_train else None, Synthetic("val", image_size, seed)
+    resizing = {"resize_from": resize_from, "resize_epochs": resize_epochs}
+    train_tf = EncodedTrainTransform(train_size, min_crop_scale, **resizing) if decode == "gpu" else \
+        TrainTransform(train_size, min_crop_scale, autoaugment, augment, magnitude, magnitude_std, **resizing)
     val_tf = ValTransform(image_size, val_resize, val_interpolation)
     if data == "demo":
         return DemoShapes("train", train_tf, seed) if with_train else None, DemoShapes("val", val_tf, seed)
@@ -610,24 +684,41 @@ class TrainSampler(torch.utils.data.Sampler):
     with its own first indices to a multiple of the world size, rank r taking every world-th index.
     Yields (index, epoch). `set_epoch(epoch, skip)` first drops the permutation's first `skip`
     samples, the ones all ranks together used in the steps already taken, so a run resumed
-    mid-epoch, on this or on another number of ranks, continues with the very next samples."""
+    mid-epoch, on this or on another number of ranks, continues with the very next samples.
 
-    def __init__(self, size, rank=0, world_size=1, seed=0):
-        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+    `repeats` N > 1 (--repeated-aug, DeiT's and torchvision's RASampler): the epoch's order is the
+    permutation with each index N times in a row, cut to the data set's length, so an epoch keeps
+    its length and covers size / N images, each N times; the N copies sit side by side, so rank r
+    takes copy c of an image from position p = N * k + c, and with N <= world size the copies
+    land on N different ranks. Yields (index, epoch, copy): the copy enters the sample's generator,
+    so the copies are augmented apart. The order is one list for all ranks, so `skip` and another
+    world size work exactly as without repeats."""
+
+    def __init__(self, size, rank=0, world_size=1, seed=0, repeats=1):
+        self.size, self.rank, self.world_size, self.seed, self.repeats = size, rank, world_size, seed, repeats
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
-    def indices(self):
+    def order(self):
+        """The epoch's global order (all ranks): indices, or (index, copy) pairs with repeats."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()[self.skip:]
+        order = torch.randperm(self.size, generator=g).tolist()
+        if self.repeats > 1:
+            order = [(index, copy) for index in order for copy in range(self.repeats)][: self.size]
+        return order
+
+    def indices(self):
+        order = self.order()[self.skip:]
         total = len(self) * self.world_size
         while len(order) < total:  # pad with the first indices again, as DistributedSampler does
             order += order[: total - len(order)]
         return order[self.rank:total:self.world_size]
 
     def __iter__(self):
+        if self.repeats > 1:
+            return ((index, self.epoch, copy) for index, copy in self.indices())
         return ((i, self.epoch) for i in self.indices())
 
     def __len__(self):
@@ -837,12 +928,93 @@ def _put_unless_stopped(q, item, stop):
             pass
 
 
+# ---------------------------------------------------------------------------------------------
+# Batch augmentation on the device, after normalisation: random erasing, mixup, cutmix. Their
+# random draws come from one seed per micro-batch, batch_seed(seed, step, rank, micro): a pure
+# function of where the run stands, so a resumed run draws what it would have drawn. The draws are
+# made on the CPU, the way torchvision's RandomErasing, MixUp and CutMix make them (tested equal),
+# with torch's CPU generator seeded inside fork_rng: the run's own random streams are untouched.
+
+def batch_seed(seed, step, rank, micro):
+    """The seed of micro-batch `micro` of optimizer step `step` on `rank`."""
+    return random.Random(f"batch/{seed}/{step}/{rank}/{micro}").getrandbits(63)
+
+
 def mixup(images, labels, num_classes, lam):
     """Blend each sample with the batch's reverse order: lam * own + (1 - lam) * partner, for images
     and one-hot targets alike. Returns images and (N, num_classes) soft targets."""
     targets = torch.nn.functional.one_hot(labels, num_classes).to(images.dtype)
-    images = images.mul(lam).add_(images.flip(0), alpha=1.0 - lam)
-    targets = targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
+    images = images.flip(0).mul_(1.0 - lam).add_(images.mul(lam))  # torchvision's MixUp's rounding
+    targets = targets.flip(0).mul_(1.0 - lam).add_(targets.mul(lam))
+    return images, targets
+
+
+def cutmix(images, labels, num_classes, box):
+    """Paste the box (left, top, right, bottom) of each sample's partner (the batch's reverse order,
+    as in mixup) into it; targets mix by the pasted area. Returns images and soft targets."""
+    left, top, right, bottom = box
+    lam = 1.0 - (right - left) * (bottom - top) / (images.shape[-1] * images.shape[-2])
+    images = images.clone()
+    images[..., top:bottom, left:right] = images.flip(0)[..., top:bottom, left:right]
+    targets = torch.nn.functional.one_hot(labels, num_classes).to(images.dtype)
+    return images, targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
+
+
+def beta_sample(alpha):
+    """One draw of Beta(alpha, alpha) from torch's CPU generator, as torchvision's MixUp and CutMix draw it."""
+    return float(torch.distributions.Beta(torch.tensor([alpha]), torch.tensor([alpha])).sample(()))
+
+
+def cutmix_box(lam, height, width):
+    """torchvision's CutMix box for `lam`: a centre uniform over the image (drawn from torch's CPU
+    generator), sides sqrt(1 - lam) of the image's, clipped at the borders."""
+    x = int(torch.randint(width, size=(1,)))
+    y = int(torch.randint(height, size=(1,)))
+    half_w, half_h = int(0.5 * math.sqrt(1.0 - lam) * width), int(0.5 * math.sqrt(1.0 - lam) * height)
+    return max(x - half_w, 0), max(y - half_h, 0), min(x + half_w, width), min(y + half_h, height)
+
+
+def random_erase_(images, p, scale=(0.02, 1 / 3), ratio=(0.3, 10 / 3)):
+    """timm's random erasing in "pixel" mode, as torchvision's RandomErasing(value="random") draws
+    it: each image, with probability p, gets one box (area a fraction in `scale` of the image,
+    aspect ratio log-uniform in `ratio`, ten tries to fit) filled with N(0, 1) noise per pixel and
+    channel, on the normalised (N, 3, H, W) `images`, in place. Draws from torch's CPU generator
+    (the noise too, then copied to the images' device)."""
+    height, width = images.shape[-2:]
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision has it
+    for image in images:
+        if not torch.rand(1) < p:
+            continue
+        for _ in range(10):
+            area = height * width * torch.empty(1).uniform_(*scale).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if h < height and w < width:
+                noise = torch.empty(image.shape[0], h, w).normal_()
+                top = int(torch.randint(0, height - h + 1, size=(1,)))
+                left = int(torch.randint(0, width - w + 1, size=(1,)))
+                image[:, top:top + h, left:left + w] = noise.to(image.device, image.dtype)
+                break
+    return images
+
+
+def augment_batch(images, labels, num_classes, seed, erase=0.0, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """Random erasing (probability `erase` per image), then mixup or cutmix for the whole batch
+    (one of the two, even odds, when both alphas are on, as timm and torchvision's references
+    switch); -> images and targets (class indices, or soft targets when mixed). All draws from
+    `seed` (batch_seed)."""
+    targets = labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if erase > 0:
+            images = random_erase_(images, erase)
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or torch.rand(1).item() < 0.5)
+            lam = beta_sample(cutmix_alpha if use_cutmix else mixup_alpha)
+            if use_cutmix:
+                images, targets = cutmix(images, labels, num_classes, cutmix_box(lam, *images.shape[-2:]))
+            else:
+                images, targets = mixup(images, labels, num_classes, lam)
     return images, targets
 
 

@@ -23,7 +23,6 @@ import importlib
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import recipes
 import utils
 from efficientnet import SCALING, arch_config, canonical_arch, convert_state_dict, create_model, load_pretrained, member
 from utils import UsageError
@@ -49,7 +49,7 @@ RUN_SETTINGS = ("arch", "num_classes", "image_size", "val_resize", "val_interpol
                 "drop_path", "bn_eps", "bn_momentum", "data", "min_crop_scale", "autoaugment", "mixup", "seed",
                 "opt", "lr", "min_lr", "warmup_epochs", "epochs", "weight_decay", "no_bn_weight_decay",
                 "batch_size", "accum_steps", "label_smoothing", "grad_clip", "ema_decay", "steps_per_epoch",
-                "weights")
+                "weights") + recipes.RUN_SETTINGS
 FIXED_SETTINGS = ("arch", "num_classes")  # another model: a new run (fine-tune with --weights CHECKPOINT)
 # Images per process and step that fit an 80 GB GPU in bf16 (NVIDIA trains B4 at 128 per A100-80GB).
 DEFAULT_BATCH = {"b0": 256, "b1": 256, "b2": 256, "b3": 256, "b4": 128, "b5": 64, "b6": 32, "b7": 32}
@@ -97,7 +97,14 @@ def build_parser():
     g.add_argument("--arch", default="b0", help="b0..b7; tf_efficientnet_b0..b7 for Google's TF weights (timm's tf_ files): "
                                                 "TF 'SAME' padding and BatchNorm")
     g.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data's class count)")
-    g.add_argument("--image-size", type=int, default=None, help="train and eval size (default: the member's resolution)")
+    g.add_argument("--image-size", type=int, default=None, help="eval size, and train size unless --train-size (default: the member's resolution)")
+    g.add_argument("--train-size", type=int, default=None, help="train crop size (default: --image-size)")
+    g.add_argument("--progressive-resize", type=int, default=0, metavar="START",
+                   help="train from START px, growing linearly to --train-size at --progressive-epochs, sizes on the "
+                        "way rounded to multiples of 32 (0: off)")
+    g.add_argument("--progressive-epochs", type=float, default=None,
+                   help="where --progressive-resize reaches --train-size (default: 3/4 of --epochs, EfficientNetV2's "
+                        "last stage)")
     g.add_argument("--val-resize", type=int, default=None, help="eval: resize the short side to this, then center-crop (default: image size + 32)")
     g.add_argument("--dropout", type=float, default=None, help="before the classifier (default: the member's rate)")
     g.add_argument("--drop-path", type=float, default=0.2, help="stochastic depth rate of the last block")
@@ -115,7 +122,17 @@ def build_parser():
                    help="training images: cpu = loader workers decode (libjpeg-turbo for JPEGs, PIL for the rest), "
                         "crop and resize; gpu = workers only read the files and draw the crops, the GPU decodes each "
                         "batch in one nvJPEG call and crops, resizes and flips it (CUDA only; evaluation stays on the CPU)")
-    g.add_argument("--autoaugment", action="store_true", help="torchvision's ImageNet AutoAugment policy")
+    g.add_argument("--augment", choices=data.AUGMENTS, default="none",
+                   help="torchvision's AutoAugment (ImageNet policy), RandAugment (2 ops), TrivialAugmentWide or "
+                        "AugMix, after crop and flip, in the loader workers")
+    g.add_argument("--autoaugment", action="store_true", help="the same as --augment autoaugment")
+    g.add_argument("--randaugment-magnitude", type=float, default=9.0, metavar="M",
+                   help="on timm's 0-10 scale (M/10 of each op's largest change), as torchvision's bin round(3 M) of 31")
+    g.add_argument("--magnitude-std", type=float, default=0.0, metavar="S",
+                   help="RandAugment: each op's magnitude drawn ~ N(M, S), clipped to 0-10 (timm's mstd)")
+    g.add_argument("--random-erase", type=float, default=0.0, metavar="P",
+                   help="probability of erasing a box of each image with per-pixel noise (timm's 'pixel' mode), "
+                        "on the device after normalisation")
     g.add_argument("--min-crop-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     g.add_argument("--val-interpolation", choices=["bicubic", "bilinear"], default="bicubic", help="eval resize filter (torchvision's b1 V2 weights: bilinear)")
     g.add_argument("--mean", type=float, nargs=3, default=list(data.IMAGENET_MEAN), metavar=("R", "G", "B"),
@@ -123,11 +140,26 @@ def build_parser():
     g.add_argument("--std", type=float, nargs=3, default=list(data.IMAGENET_STD), metavar=("R", "G", "B"),
                    help="normalisation std: ImageNet's (AdvProp tf_*_ap weights: 0.5 0.5 0.5)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off); with --mixup, each batch takes one of "
+                                                              "the two at even odds")
+    g.add_argument("--repeated-aug", type=int, default=1, metavar="N",
+                   help="each image N times per epoch, differently augmented, on N different processes when there are "
+                        "at least N (else side by side); the epoch keeps its length (DeiT's repeated augmentation; 1: off)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--opt", choices=["rmsprop", "sgd"], default="rmsprop", help="RMSprop (alpha .9, eps .01, momentum .9) or SGD (Nesterov, momentum .9)")
+    g.add_argument("--recipe", choices=list(recipes.RECIPES), default="seed",
+                   help="the defaults of a published recipe (the README's table); flags given win")
+    g.add_argument("--opt", choices=["rmsprop", "rmsproptf", "sgd", "adamw"], default="rmsprop",
+                   help="torch's RMSprop (alpha .9, eps .01, momentum .9), TensorFlow's RMSprop (decay .9, momentum .9, "
+                        "eps 1e-3 inside the root), SGD (Nesterov, momentum .9) or AdamW (decoupled weight decay)")
     g.add_argument("--lr", type=float, default=None, help="learning rate per 4096 images, scaled to the real global batch (default: 0.08 for b0-b3, 0.16 for b4-b7)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="where the cosine ends")
+    g.add_argument("--sched", choices=["cosine", "step"], default="cosine",
+                   help="after the warmup: cosine to --min-lr, or step: lr x --decay-rate every --decay-epochs, "
+                        "counted from step 0 (TF's staircase)")
+    g.add_argument("--decay-epochs", type=float, default=2.4, help="--sched step: epochs between decays")
+    g.add_argument("--decay-rate", type=float, default=0.97, help="--sched step: factor of each decay")
+    g.add_argument("--min-lr", type=float, default=0.0, help="where the cosine ends (the step schedule's floor)")
     g.add_argument("--warmup-epochs", type=float, default=16, help="linear warmup length")
+    g.add_argument("--warmup-lr", type=float, default=0.0, help="where the warmup starts, per 4096 images like --lr")
     g.add_argument("--epochs", type=int, default=400, help="length of the schedule")
     g.add_argument("--weight-decay", type=float, default=None, help="on all parameters, BatchNorm included (default: 1e-5 for b0-b3, 5e-6 for b4-b7)")
     g.add_argument("--no-bn-weight-decay", action="store_true", help="no weight decay on BatchNorm parameters and biases (NVIDIA)")
@@ -213,11 +245,13 @@ def resolve_args(args, env=None, given=(), checkpoint=None):
     them, else the arch-dependent defaults), and every check that needs neither the data set nor
     the checkpoint's tensors, before any work is done and before any folder is made."""
     env = env or utils.Dist()
+    given = recipes.before_checkpoint(args, given, checkpoint)
     check_flag_combinations(args, checkpoint)
     if checkpoint is not None:
         take_run_settings(args, env, given, checkpoint)
     fill_defaults(args, env)
     check_values(args, list(vars(args)))
+    recipes.resolve(args, given, checkpoint)
     if args.val_resize < args.image_size:
         raise UsageError(f"--val-resize {args.val_resize} is smaller than --image-size {args.image_size}")
     if args.data is None:
@@ -311,7 +345,7 @@ def take_run_settings(args, env, given, checkpoint):
         elif name == "val_resize" and "image_size" in given:  # follows the new size, as its default does
             args.val_resize = args.image_size + 32
             changed.append(f"--val-resize {stored['val_resize']} -> {args.val_resize}")
-        else:
+        elif name in stored:  # (a setting newer than the checkpoint keeps its default: the run's behaviour)
             setattr(args, name, stored[name])
     if changed:
         log(env, f"note: the command line changes the run's {', '.join(changed)}; its other settings are "
@@ -406,13 +440,27 @@ def resolve_amp(choice, device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
-def lr_at(step, base_lr, warmup_steps, total_steps, min_lr=0.0):
-    """Learning rate of optimizer step `step` (0-based): linear warmup reaching base_lr at the last
-    warmup step, then a cosine from base_lr to min_lr at total_steps."""
+def lr_at(step, base_lr, warmup_steps, total_steps, min_lr=0.0, warmup_lr=0.0, decay_steps=0, decay_rate=1.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup from warmup_lr reaching base_lr
+    at the last warmup step, then a cosine from base_lr to min_lr at total_steps; or, with
+    decay_steps, a staircase base_lr * decay_rate ** floor(step / decay_steps) counted from step 0
+    (as TF's exponential_decay and timm's step schedule count it), never below min_lr."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return warmup_lr + (base_lr - warmup_lr) * (step + 1) / warmup_steps
+    if decay_steps:
+        return max(min_lr, base_lr * decay_rate ** (step // decay_steps))
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(r):
+    """lr_at's arguments for this run (--lr and --warmup-lr scaled to the global batch; the step
+    schedule's --decay-epochs rounded to whole steps)."""
+    args = r.args
+    decay_steps = max(1, round(args.decay_epochs * r.steps_per_epoch)) if args.sched == "step" else 0
+    return {"base_lr": r.base_lr, "warmup_steps": r.warmup_steps, "total_steps": r.total_steps,
+            "min_lr": args.min_lr, "warmup_lr": args.warmup_lr * r.global_batch / 4096, "decay_steps": decay_steps,
+            "decay_rate": args.decay_rate}
 
 
 def criterion(logits, targets, label_smoothing):
@@ -450,8 +498,8 @@ def evaluate(model, loader, env, amp_dtype, expected_images):
 
 
 def build_optimizer(model, args, lr, fused=False):
-    """`fused` (CUDA): SGD's one-kernel step, which also lets the fp16 GradScaler skip a step
-    without a device synchronisation. RMSprop has no fused form in torch."""
+    """`fused` (CUDA): SGD's and AdamW's one-kernel step, which also lets the fp16 GradScaler skip a
+    step without a device synchronisation. RMSprop has no fused form in torch."""
     decay, no_decay = [], []
     for p in model.parameters():
         # NVIDIA's variant leaves BatchNorm weights/biases and all biases (the 1-d tensors) alone.
@@ -461,6 +509,10 @@ def build_optimizer(model, args, lr, fused=False):
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if args.opt == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=0.01, momentum=0.9)
+    if args.opt == "rmsproptf":
+        return utils.RMSpropTF(groups, lr=lr, alpha=0.9, eps=1e-3, momentum=0.9)
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused or None)
 
 
@@ -701,7 +753,9 @@ def build_data(r, checkpoint):
     r.train_set, r.val_set = data.build_datasets(
         args.data, args.image_size, args.val_resize, args.seed, args.min_crop_scale, args.autoaugment,
         with_train=not args.evaluate, decode="cpu" if args.evaluate else args.decode,
-        val_interpolation=args.val_interpolation)
+        val_interpolation=args.val_interpolation, train_size=args.train_size, augment=args.augment,
+        magnitude=args.randaugment_magnitude, magnitude_std=args.magnitude_std,
+        resize_from=args.progressive_resize, resize_epochs=args.progressive_epochs)
     skipped = data.skipped_note(r.train_set, r.val_set)
     if skipped:
         log(env, skipped)
@@ -750,7 +804,7 @@ def build_model(r, checkpoint):
 def build_training(r):
     args, env = r.args, r.env
     cuda = env.device.type == "cuda"
-    r.train_sampler = data.TrainSampler(len(r.train_set), env.rank, env.world_size, args.seed)
+    r.train_sampler = data.TrainSampler(len(r.train_set), env.rank, env.world_size, args.seed, args.repeated_aug)
     r.train_loader = loader(r, r.train_set, r.train_sampler, train=True)
     # Every step takes a global batch of distinct images (the sampler's padding is never reached), so
     # an epoch has as many steps on any number of processes that keeps the global batch.
@@ -866,6 +920,7 @@ def start(r):
              f"{'channels_last' if args.channels_last else 'NCHW'}"
              f"{', lean activations' if args.lean_activations and not args.compile else ''}"
              f"{', deterministic' if args.deterministic else ''}")
+    log(env, recipes.describe(args))
     log(env, f"global batch {r.global_batch} = {args.batch_size} x {env.world_size} process(es) x "
              f"{args.accum_steps} accumulation; lr {args.lr:g} per 4096 -> {r.base_lr:.6g}; "
              f"{r.steps_per_epoch} steps/epoch, {args.epochs} epochs, warmup {r.warmup_steps} steps; "
@@ -905,7 +960,7 @@ def train_one_epoch(r, epoch):
                disable=not (env.main and r.interactive), dynamic_ncols=True)
     meter = Meter(r.loss_sum.clone())
     for epoch_step in range(first_step, r.steps_per_epoch):
-        lr = lr_at(r.step, r.base_lr, r.warmup_steps, r.total_steps, args.min_lr)
+        lr = lr_at(r.step, **lr_schedule(r))
         for group in r.optimizer.param_groups:
             group["lr"] = lr
         step_loss = forward_backward(r, batches, meter)
@@ -942,9 +997,7 @@ def forward_backward(r, batches, meter):
         wait_start = time.perf_counter()
         images, labels = next(batches)
         meter.waited(time.perf_counter() - wait_start)
-        targets = labels
-        if args.mixup > 0:
-            images, targets = data.mixup(images, labels, args.num_classes, random.betavariate(args.mixup, args.mixup))
+        images, targets = augment_batch(r, images, labels, micro)
         last = micro == args.accum_steps - 1
         with contextlib.nullcontext() if r.env.world_size == 1 or last else r.train_model.no_sync():
             with torch.autocast(r.env.device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
@@ -953,6 +1006,16 @@ def forward_backward(r, batches, meter):
             r.scaler.scale(loss).backward()
         step_loss += loss.detach()
     return step_loss
+
+
+def augment_batch(r, images, labels, micro):
+    """Random erasing, then mixup or cutmix, of a micro-batch on the device; each micro-batch draws
+    from its own seed, a function of (seed, step, rank, micro) (data.batch_seed)."""
+    args = r.args
+    if not (args.random_erase or args.mixup or args.cutmix):
+        return images, labels
+    seed = data.batch_seed(args.seed, r.step, r.env.rank, micro)
+    return data.augment_batch(images, labels, args.num_classes, seed, args.random_erase, args.mixup, args.cutmix)
 
 
 def report_interval(r, meter, bar, epoch, epoch_step, lr):
@@ -979,7 +1042,7 @@ def report_interval(r, meter, bar, epoch, epoch_step, lr):
 def epoch_row(r, epoch, first_step, meter):
     """The epoch's training figures, agreed over the ranks (collective)."""
     env, seconds = r.env, time.time() - meter.epoch_start
-    row = {"epoch": epoch + 1, "lr": lr_at(r.step - 1, r.base_lr, r.warmup_steps, r.total_steps, r.args.min_lr),
+    row = {"epoch": epoch + 1, "lr": lr_at(r.step - 1, **lr_schedule(r)),
            "train_loss": utils.all_reduce(r.loss_sum.clone(), env).item() / (r.steps_per_epoch * env.world_size),
            "images_per_sec": (r.steps_per_epoch - first_step) * r.global_batch / seconds,
            "epoch_seconds": seconds,

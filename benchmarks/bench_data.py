@@ -2,7 +2,9 @@
 transform, this repo's pipeline against torchvision's ImageFolder with the textbook transforms
 (RandomResizedCrop / Resize + CenterCrop, flip, ToTensor, Normalize), on the same files. This
 repo's pipeline runs with each decoder: libjpeg-turbo (data.decode_rgb, the default) and PIL; and
-the worker's share of `--decode gpu` (read the bytes, parse the header, draw the crop) is timed too.
+the worker's share of `--decode gpu` (read the bytes, parse the header, draw the crop) is timed too,
+and each `--augment` (torchvision's ops after the crop, in the worker), and the training process's
+own batch augmentation (`--random-erase`, `--mixup`/`--cutmix`: per image of a batch, on the CPU).
 
     python benchmarks/bench_data.py                    # writes 256 photo-like ImageNet-sized JPEGs
     python benchmarks/bench_data.py --data /imagenet/val --images 2000
@@ -91,6 +93,16 @@ def worker_pass(dataset, batch_size):
     return len(dataset) / (time.perf_counter() - start)
 
 
+def batch_pass(size, batch_size, options, batches=8):
+    """Images per second of data.augment_batch on normalised float CPU batches (the training
+    process's share, where it runs on the CPU; on a GPU only the copy of the noise is added)."""
+    images, labels = torch.randn(batch_size, 3, size, size), torch.arange(batch_size) % 10
+    start = time.perf_counter()
+    for step in range(batches):
+        data.augment_batch(images, labels, 10, data.batch_seed(0, step, 0, 0), **options)  # erasing: in place
+    return batches * batch_size / (time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -100,6 +112,8 @@ def main():
     parser.add_argument("--val-resize", type=int, default=256, help="eval resize (short side)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds; the median counts")
+    parser.add_argument("--augments", nargs="*", default=["autoaugment", "randaugment", "trivialaugment", "augmix"],
+                        choices=data.AUGMENTS[1:], help="--augment rows to time")
     parser.add_argument("--json", default="bench_data.json", help="where to write the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -123,6 +137,8 @@ def main():
             "train: data.py": Ours(root, data.TrainTransform(args.size)),
             "train: data.py, PIL decode": Ours(root, data.TrainTransform(args.size), pil_decode=True),
             "train: data.py --decode gpu, worker's share": Ours(root, data.EncodedTrainTransform(args.size), decode="gpu"),
+            **{f"train: data.py --augment {name}{' (m9, mstd 0.5)' if name == 'randaugment' else ''}":
+               Ours(root, data.TrainTransform(args.size, augment=name, magnitude_std=0.5)) for name in args.augments},
             "val: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_val),
             "val: data.py": Ours(root, data.ValTransform(args.size, args.val_resize)),
             "val: data.py, PIL decode": Ours(root, data.ValTransform(args.size, args.val_resize), pil_decode=True),
@@ -131,10 +147,14 @@ def main():
             samples = dataset.samples if hasattr(dataset, "samples") else dataset.inner.samples
             random.Random(0).shuffle(samples)
             del samples[args.images:]
-        rates = {name: [] for name in pipelines}
+        batch_rows = {"batch: --random-erase 0.25 (training process)": {"erase": 0.25},
+                      "batch: --mixup 0.2 --cutmix 1.0 (training process)": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
+        rates = {name: [] for name in [*pipelines, *batch_rows]}
         for _ in range(args.rounds):
             for name, dataset in pipelines.items():  # A/B/A/B: drifts in machine speed hit both
                 rates[name].append(worker_pass(dataset, args.batch_size))
+            for name, options in batch_rows.items():
+                rates[name].append(batch_pass(args.size, args.batch_size, options))
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratio = {"train": median["train: data.py"] / median["train: torchvision ImageFolder + textbook"],
              "val": median["val: data.py"] / median["val: torchvision ImageFolder + textbook"]}

@@ -79,9 +79,9 @@ signal_at = int(os.environ.get("SPY_SIGTERM_AT", "0"))  # rank 0's micro-batch (
 
 
 def spy_iter(self):
-    for index, epoch in real_iter(self):
-        sampled.append(index)
-        yield index, epoch
+    for item in real_iter(self):  # (index, epoch), or (index, epoch, copy) with --repeated-aug
+        sampled.append(item[0])
+        yield item
 
 
 def spy_criterion(*args, **kwargs):
