@@ -345,7 +345,7 @@ def take_run_settings(args, env, given, checkpoint):
         elif name == "val_resize" and "image_size" in given:  # follows the new size, as its default does
             args.val_resize = args.image_size + 32
             changed.append(f"--val-resize {stored['val_resize']} -> {args.val_resize}")
-        elif name in stored:  # (a setting newer than the checkpoint keeps its default: the run's behaviour)
+        else:
             setattr(args, name, stored[name])
     if changed:
         log(env, f"note: the command line changes the run's {', '.join(changed)}; its other settings are "
