@@ -24,6 +24,7 @@ import ctypes
 import functools
 import importlib.util
 import io
+import json
 import math
 import multiprocessing
 import os
@@ -564,6 +565,123 @@ class ImageFolder(torch.utils.data.Dataset):
         return self.transform(decode_rgb(path, encoded), rng, epoch), label
 
 
+# Other label orders and label sets for an ImageFolder's val set (train.py --evaluate), and the
+# plain file lists of --predict.
+
+IMAGENET_INDEX = "imagenet-index"  # --class-map: folders named by their label, as ImageNet-V2's 0..999
+
+
+def read_class_names(path):
+    """The class names of a --class-map file: one a line, in label order (blank lines skipped)."""
+    if not os.path.isfile(path):
+        raise DataError(f"--class-map {path} does not exist (a file of class-folder names, or {IMAGENET_INDEX})")
+    names = [text for _, text in read_label_lines(path, "expected one class-folder name per line, in label order")]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"--class-map {path} names {', '.join(repeated[:3])} more than once: one line per label")
+    return names
+
+
+def apply_class_map(dataset, class_map):
+    """Relabel `dataset` (an ImageFolder) by `class_map` instead of by its sorted folder names, which
+    would put folder "10" before "2": a file of class-folder names in label order, or "imagenet-index"
+    (folder "7" is label 7). `dataset.classes` becomes the names in label order."""
+    if not isinstance(dataset, ImageFolder):
+        raise DataError("--class-map relabels class folders; --data demo and synthetic have none")
+    folders = dataset.classes
+    if class_map == IMAGENET_INDEX:
+        bad = [name for name in folders if not re.fullmatch(r"0|[1-9][0-9]*", name)]
+        if bad:
+            raise DataError(f"--class-map {IMAGENET_INDEX} needs folders named by their label (0, 1, ..., as "
+                            f"ImageNet-V2's), but {dataset.root} has {', '.join(bad[:3])}")
+        names = [str(label) for label in range(max(int(name) for name in folders) + 1)]
+    else:
+        names = read_class_names(class_map)
+        unknown = [name for name in folders if name not in names]
+        if unknown:
+            raise DataError(f"--class-map {class_map} does not list the class folders {', '.join(unknown[:3])}"
+                            f"{' ...' if len(unknown) > 3 else ''} of {dataset.root}")
+    label = {name: i for i, name in enumerate(names)}
+    dataset.samples = [(path, label[folders[old]]) for path, old in dataset.samples]
+    dataset.classes = names
+
+
+def read_real_labels(path, dataset, num_classes):
+    """ReaL's real.json (Beyer et al. 2020: a list with one list of label indices per ImageNet val
+    image, in sorted file-name order, ILSVRC2012_val_00000001.JPEG first; empty where no label was
+    agreed) -> an int64 tensor (len(dataset), longest list) of each sample's labels, padded with -1,
+    in the dataset's sample order (class folders: not the file-name order)."""
+    try:
+        with open(path) as f:
+            real = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"--real-labels {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"--real-labels {path} is not JSON ({e}): expected ReaL's real.json") from None
+    if not isinstance(real, list) or not all(isinstance(labels, list) for labels in real):
+        raise DataError(f"--real-labels {path} is not a list of label lists, as ReaL's real.json is")
+    names = sorted(os.path.basename(p) for p, _ in dataset.samples)
+    if len(real) != len(names):
+        raise DataError(f"--real-labels {path} labels {len(real)} images but the val set has {len(names)}: "
+                        f"ReaL needs the whole ImageNet val set (50,000 images)")
+    if len(set(names)) != len(names):
+        raise DataError("--real-labels pairs the val images by file name, and some names repeat in other class folders")
+    for n, labels in enumerate(real):
+        if not all(type(c) is int and 0 <= c < num_classes for c in labels):
+            raise DataError(f"--real-labels {path} entry {n} ({names[n]}) is {str(labels)[:40]}: expected label "
+                            f"indices in 0..{num_classes - 1}")
+    if not any(real):
+        raise DataError(f"--real-labels {path} gives no image a label")
+    row_of = {name: n for n, name in enumerate(names)}
+    table = torch.full((len(names), max(len(labels) for labels in real)), -1, dtype=torch.int64)
+    for i, (sample, _) in enumerate(dataset.samples):
+        labels = real[row_of[os.path.basename(sample)]]
+        table[i, :len(labels)] = torch.tensor(labels, dtype=torch.int64)
+    return table
+
+
+def list_images(paths):
+    """The files that --predict names, in order: a file as given; a folder's image files (by name,
+    as the loaders take them), searched recursively and sorted; a .txt file read as a list of paths,
+    one a line, relative to the list's folder. A path that does not exist raises DataError; a listed
+    file that cannot be read is reported by the prediction itself."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path, followlinks=True)
+                           for name in names if is_image_name(name))
+            if not found:
+                raise DataError(f"--predict {path}: the folder holds no image files ({', '.join(IMG_EXTENSIONS)})")
+            files += found
+        elif os.path.isfile(path) and path.lower().endswith(".txt"):
+            listed = [text for _, text in read_label_lines(path, "expected one image path per line")]
+            files += [os.path.join(os.path.dirname(path), name) for name in listed]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise DataError(f"--predict {path} does not exist")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Files to classify: (uint8 (S, S, 3) pixels through `transform`, index, "") per file, each read
+    and decoded once; for a file that cannot be read or decoded, black pixels and the reason, so that
+    the batch goes on and the caller reports it."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            return self.transform(decode_rgb(path, read_file(path))), index, ""
+        except DataError as e:
+            return torch.zeros(self.transform.size, self.transform.size, 3, dtype=torch.uint8), index, str(e)
+
+
 class DemoShapes(torch.utils.data.Dataset):
     """Ten classes of shapes and gratings at random positions, scales and colours on noisy
     backgrounds: learnable from scratch in a few CPU minutes. Image i is a pure function of
@@ -1090,16 +1208,16 @@ WNID = re.compile(r"n[0-9]{8}")  # a WordNet id: the only class names sort-val c
 LABEL_FILES = "expected LOC_val_solution.csv, one wnid per line, or the devkit's ILSVRC2012_validation_ground_truth.txt"
 
 
-def read_label_lines(labels):
+def read_label_lines(labels, expected=LABEL_FILES):
     """[(line number, text)] of the non-blank lines of a text file; DataError when it is not text or
-    holds none."""
+    holds none (the message ends with `expected`)."""
     try:
         with open(labels, encoding="utf-8-sig") as f:
             lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError:
-        raise DataError(f"{labels} is not a text file: {LABEL_FILES}") from None
+        raise DataError(f"{labels} is not a text file: {expected}") from None
     if not lines:
-        raise DataError(f"{labels} is empty: {LABEL_FILES}")
+        raise DataError(f"{labels} is empty: {expected}")
     return lines
 
 

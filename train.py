@@ -5,6 +5,9 @@
     python train.py --evaluate --resume runs/x/best.pt                     # with the run's own settings
     python train.py --evaluate --weights efficientnet_b0.pth --data /imagenet
     python train.py --data my_classes --weights efficientnet_b0.pth --epochs 30 ...   # fine-tune
+    python train.py --predict photos/ --resume runs/x/best.pt --output predictions.csv
+    python train.py --average runs/x --output runs/x/average.pt              # its --keep-best checkpoints
+    python train.py --export model.pt2 --resume runs/x/best.pt               # or model.onnx
 
 A run's checkpoint remembers its settings: --resume and --evaluate --resume use them, and a flag
 given on the command line overrides one (said in a note); arch and class count cannot change.
@@ -18,11 +21,14 @@ torchrun a worker's non-zero code reaches the shell as 1.
 import argparse
 import contextlib
 import copy
+import csv
 import datetime
-import importlib
+import importlib.util
+import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -201,6 +207,28 @@ def build_parser():
                    help="also write the interval and epoch figures for TensorBoard under OUTPUT_DIR/tensorboard "
                         "(needs the tensorboard package)")
     g.add_argument("--max-nonfinite", type=int, default=20, help="fp16: stop after this many consecutive skipped steps (bf16/fp32 stop at the first)")
+    g.add_argument("--keep-best", type=int, default=0, metavar="N",
+                   help="also keep the N best epoch-end checkpoints by val top-1, as best-epochE.pt (0: best.pt only)")
+    g = p.add_argument_group("after training (with --resume CHECKPOINT, whose run's settings apply, or --weights FILE)")
+    g.add_argument("--predict", nargs="+", default=None, metavar="PATH",
+                   help="classify image files, folders (searched recursively) and file lists (.txt, one path a line, "
+                        "relative to the list's folder) with the run's eval preprocessing; CSV on stdout or --output")
+    g.add_argument("--top-k", type=int, default=5, help="--predict: the classes given per image")
+    g.add_argument("--output", default=None, metavar="FILE",
+                   help="--predict: FILE.csv or FILE.jsonl (default: CSV on stdout); --average: the checkpoint to write")
+    g.add_argument("--average", nargs="+", default=None, metavar="CKPT",
+                   help="average the weights (and EMAs) of these checkpoints, or of a run folder's --keep-best ones, "
+                        "into --output")
+    g.add_argument("--export", default=None, metavar="FILE",
+                   help="write the model as FILE.pt2 (torch.export) or FILE.onnx (needs onnx, onnxscript, onnxruntime), "
+                        "checked against eager, with its preprocessing and class names in FILE.json")
+    g.add_argument("--class-map", default=None, metavar="FILE|imagenet-index",
+                   help="--evaluate: label the val class folders by a file of folder names in label order, or by "
+                        "their names as numbers (imagenet-index: ImageNet-V2's folders 0..999), not by sorted name")
+    g.add_argument("--real-labels", default=None, metavar="REAL_JSON",
+                   help="--evaluate: ReaL's real.json for the ImageNet val set; adds real_top1")
+    g.add_argument("--eval-flip", action="store_true",
+                   help="--evaluate, --predict: average the softmax of each image and of its mirror image")
     return p
 
 
@@ -254,18 +282,19 @@ def resolve_args(args, env=None, given=(), checkpoint=None):
     recipes.resolve(args, given, checkpoint)
     if args.val_resize < args.image_size:
         raise UsageError(f"--val-resize {args.val_resize} is smaller than --image-size {args.image_size}")
-    if args.data is None:
+    if args.data is None and not (args.predict or args.export):
         raise UsageError("--data is needed: the ImageNet root (train/ and val/), 'demo' or 'synthetic'")
     check_device(args, env)
-    if not args.evaluate:
+    if not inference_only(args):
         check_output_dir(args)
-    if not args.evaluate and args.warmup_epochs >= args.epochs:
+    if not inference_only(args) and args.warmup_epochs >= args.epochs:
         log(env, f"warning: the warmup ({args.warmup_epochs:g} epochs) is not shorter than the run ({args.epochs} "
                  f"epochs): the learning rate never reaches --lr; pass a smaller --warmup-epochs")
     return args
 
 
 def check_flag_combinations(args, checkpoint):
+    check_after_training_flags(args, checkpoint)
     if args.evaluate and not (args.resume or args.weights):
         raise UsageError("--evaluate needs --resume CHECKPOINT or --weights FILE")
     if args.resume and args.weights and (args.resume != "auto" or args.evaluate):
@@ -290,9 +319,10 @@ def check_flag_combinations(args, checkpoint):
                          "not make; use --decode cpu with --autoaugment")
 
 
-POSITIVE = ("image_size", "val_resize", "batch_size", "accum_steps", "epochs", "lr", "log_every", "num_classes")
+POSITIVE = ("image_size", "val_resize", "batch_size", "accum_steps", "epochs", "lr", "log_every", "num_classes",
+            "top_k")
 NON_NEGATIVE = ("workers", "warmup_epochs", "min_lr", "weight_decay", "mixup", "grad_clip", "eval_every",
-                "save_every_steps", "run_epochs", "steps_per_epoch", "bn_eps", "max_nonfinite")
+                "save_every_steps", "run_epochs", "steps_per_epoch", "bn_eps", "max_nonfinite", "keep_best")
 FRACTIONS = ("dropout", "drop_path", "label_smoothing", "ema_decay", "bn_momentum")
 
 
@@ -300,7 +330,7 @@ def check_values(args, names):
     """Each named setting that is set must be finite and in its range."""
     for name in names:
         value = getattr(args, name)
-        if value is None or isinstance(value, (str, bool)):
+        if value is None or isinstance(value, (str, bool)) or isinstance(value, list) and isinstance(value[0], str):
             continue
         values = value if isinstance(value, list) else [value]
         shown = " ".join(map(str, values))
@@ -350,7 +380,7 @@ def take_run_settings(args, env, given, checkpoint):
     if changed:
         log(env, f"note: the command line changes the run's {', '.join(changed)}; its other settings are "
                  f"the checkpoint's")
-    if args.evaluate:
+    if inference_only(args):
         return
     if args.ema_decay > 0 and checkpoint["ema"] is None:
         raise UsageError("--ema-decay is on but the checkpoint has no EMA; resume without it")
@@ -474,27 +504,53 @@ def global_batch(batch_size, processes, accum_steps):
     return batch_size * processes * accum_steps
 
 
+def class_scores(model, images, amp_dtype, flip=False):
+    """float32 (N, classes) scores whose order is the prediction's: the logits; with `flip` (test-time
+    augmentation) the log of the mean of the softmax of the images and of their mirror images.
+    Either is what cross_entropy and softmax take (softmax gives the mean probabilities then)."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(images)
+        mirrored = model(images.flip(3)) if flip else None
+    if not flip:
+        return logits.float()
+    # log((p + q) / 2) from the log-probabilities: no log(0) where a probability underflows
+    return torch.logaddexp(logits.float().log_softmax(1), mirrored.float().log_softmax(1)) - math.log(2)
+
+
 @torch.no_grad()
-def evaluate(model, loader, env, amp_dtype, expected_images):
+def evaluate(model, loader, env, amp_dtype, expected_images, flip=False, real_labels=None):
     """Top-1 / top-5 (percent) and mean cross-entropy over the whole val set. Each rank sums over
     its shard (no padding duplicates); the sums meet in one all_reduce and the image count must
-    equal the val set's size."""
+    equal the val set's size. `flip`: horizontal-flip test-time augmentation (class_scores).
+    `real_labels` (val images, L), -1-padded (data.read_real_labels): adds real_top1, the share of
+    the images with any ReaL label whose top-1 is one of them (ReaL excludes the others)."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top-1 hits, top-5 hits, images
+    # loss, top-1 hits, top-5 hits, images, ReaL top-1 hits, images with ReaL labels
+    totals = torch.zeros(6, dtype=torch.float64, device=env.device)
+    # The loader yields this rank's shard in order: its batches' sample indices, for the ReaL labels.
+    shard = list(data.ShardSampler(expected_images, env.rank, env.world_size)) if real_labels is not None else None
+    seen = 0
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not (env.main and sys.stderr.isatty())):
-        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        logits = class_scores(model, images, amp_dtype, flip)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
         totals[0] += F.cross_entropy(logits, labels, reduction="sum")
         totals[1] += hits[:, 0].sum()
         totals[2] += hits.any(dim=1).sum()
         totals[3] += labels.numel()
-    loss, top1, top5, images = utils.all_reduce(totals, env).tolist()
+        if real_labels is not None:
+            real = real_labels[shard[seen:seen + labels.numel()]].to(top.device)
+            totals[4] += (real == top[:, :1]).any(dim=1).sum()
+            totals[5] += (real >= 0).any(dim=1).sum()
+        seen += labels.numel()
+    loss, top1, top5, images, real_hits, real_images = utils.all_reduce(totals, env).tolist()
     if int(images) != expected_images:
         raise RuntimeError(f"evaluation counted {int(images)} images but the val set has {expected_images}")
-    return {"top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images, "loss": loss / images,
-            "images": int(images)}
+    figures = {"top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images, "loss": loss / images,
+               "images": int(images)}
+    if real_labels is not None:
+        figures.update(real_top1=100.0 * real_hits / real_images, real_images=int(real_images))
+    return figures
 
 
 def build_optimizer(model, args, lr, fused=False):
@@ -558,8 +614,11 @@ def main(argv=None):
                   f"the run)", file=sys.stderr)
             return EXIT_PEER_LOST
         try:
-            checkpoint = read_checkpoint(args, env)
-            resolve_args(args, env, given, checkpoint)
+            if args.average:
+                return average_command(args, env)
+            with notes_beside_predictions(args):
+                checkpoint = read_checkpoint(args, env)
+                resolve_args(args, env, given, checkpoint)
             return run(args, env, checkpoint)
         except (Exception, KeyboardInterrupt) as e:
             return exit_code(e, env, args)
@@ -632,6 +691,10 @@ def exit_code(error, env, args):
 
 def run(args, env, checkpoint):
     set_up_torch(args)
+    if args.predict:
+        return predict_command(args, env, checkpoint)
+    if args.export:
+        return export_command(args, env, checkpoint)
     if checkpoint is not None and checkpoint["epoch"] >= args.epochs and not args.evaluate:
         log(env, f"the run in {args.output_dir} already finished its {args.epochs} epochs; nothing to do")
         return 0
@@ -756,6 +819,8 @@ def build_data(r, checkpoint):
         val_interpolation=args.val_interpolation, train_size=args.train_size, augment=args.augment,
         magnitude=args.randaugment_magnitude, magnitude_std=args.magnitude_std,
         resize_from=args.progressive_resize, resize_epochs=args.progressive_epochs)
+    if args.class_map:
+        data.apply_class_map(r.val_set, args.class_map)
     skipped = data.skipped_note(r.train_set, r.val_set)
     if skipped:
         log(env, skipped)
@@ -835,7 +900,7 @@ def load_weights(model, args, env):
     weights = utils.load_checkpoint(args.weights, what="--weights file",
                                     advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
     try:
-        if args.evaluate:  # every tensor, the classifier's too
+        if inference_only(args):  # every tensor, the classifier's too
             model.load_state_dict(convert_state_dict(weights, model))
         else:  # fine-tuning: a classifier of another size keeps its fresh init
             for line in load_pretrained(model, weights):
@@ -847,25 +912,31 @@ def load_weights(model, args, env):
                  f"--arch tf_efficientnet_{member(args.arch)} (TF padding and BatchNorm)")
 
 
-def evaluate_models(r, models):
+def evaluate_models(r, models, **options):
     """{prefix: model or None} -> the val figures of each model, keys prefixed. Every rank
-    evaluates rank 0's BatchNorm statistics (and rank 0 saves them)."""
+    evaluates rank 0's BatchNorm statistics (and rank 0 saves them). `options` go to evaluate."""
     results = {}
     for prefix, model in models.items():
         if model is not None:
             utils.broadcast_buffers(model, r.env)
-            figures = evaluate(model, r.val_loader, r.env, r.amp_dtype, len(r.val_set))
-            results.update({prefix + k: v for k, v in figures.items() if k != "images"})
+            figures = evaluate(model, r.val_loader, r.env, r.amp_dtype, len(r.val_set), **options)
+            results.update({prefix + k: v for k, v in figures.items() if not k.endswith("images")})
     return results
 
 
 def evaluate_only(r, checkpoint):
     """--evaluate: one JSON line of val figures (and the EMA's, when the checkpoint has one)."""
+    args = r.args
     ema = None  # (--sync-bn changes nothing here: eval mode uses the running statistics)
     if checkpoint is not None and checkpoint.get("ema") is not None:
         ema = copy.deepcopy(r.model)
         ema.load_state_dict(checkpoint["ema"])
-    log(r.env, json.dumps({"images": len(r.val_set), **evaluate_models(r, {"": r.eval_model, "ema_": ema})}))
+    counts = {"images": len(r.val_set)}
+    real = data.read_real_labels(args.real_labels, r.val_set, args.num_classes) if args.real_labels else None
+    if real is not None:
+        counts["real_images"] = int((real >= 0).any(dim=1).sum())
+    figures = evaluate_models(r, {"": r.eval_model, "ema_": ema}, flip=args.eval_flip, real_labels=real)
+    log(r.env, json.dumps({**counts, **figures}))
     return 0
 
 
@@ -1097,6 +1168,8 @@ def evaluate_and_save(r, epoch, row):
     write_on_main(env, utils.write_jsonl, os.path.join(args.output_dir, "metrics.jsonl"), r.history)
     if is_best:
         write_on_main(env, utils.copy_atomic, r.ckpt_path, os.path.join(args.output_dir, "best.pt"))
+    if args.keep_best and evaluated:
+        write_on_main(env, keep_best_checkpoints, args.output_dir, r.history, args.keep_best, r.ckpt_path)
     if r.tensorboard:
         r.tensorboard.add("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
     log(env, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -1127,6 +1200,402 @@ def save(r, epoch, epoch_step):
         write_on_main(r.env, utils.save_atomic, state, r.ckpt_path)
     except utils.DiskFull as e:
         raise utils.DiskFull(f"{e} ({r.kept()})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# After training: --keep-best's files, --predict, --average, --export
+
+EXPORT_MIN_SIZE = 64  # height and width are dynamic from here (torch.export proves the shapes from 64 px)
+EXPORT_MAX_SIZE = 4096
+EXPORT_MAX_BATCH = 4096
+# The largest difference from eager allowed, relative to the largest eager logit (at least 1): other
+# kernels' rounding (ONNX Runtime's) stays near 1e-5, a wrong padding or operation is of order 1.
+EXPORT_TOLERANCE = 1e-3
+
+
+def inference_only(args):
+    """Whether this invocation only runs a model: --evaluate, --predict, --export (no run folder)."""
+    return bool(args.evaluate or args.predict or args.export)
+
+
+def check_after_training_flags(args, checkpoint):
+    modes = [flag(name) for name in ("evaluate", "predict", "export", "average") if getattr(args, name)]
+    if len(modes) > 1:
+        raise UsageError(f"give one of {', '.join(modes)}, not several")
+    if (args.predict or args.export) and not (args.resume or args.weights):
+        raise UsageError(f"{modes[0]} needs --resume CHECKPOINT (with its run's settings) or --weights FILE")
+    if (args.predict or args.export) and args.resume and args.weights:
+        raise UsageError(f"{modes[0]} takes --resume CHECKPOINT or --weights FILE, not both")
+    if (args.predict or args.export) and args.resume == "auto" and checkpoint is None:
+        raise UsageError(f"--resume auto found no checkpoint in {args.output_dir} for {modes[0]}")
+    for name in ("output", "export"):
+        path = getattr(args, name)
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            problem = "is a folder" if os.path.isdir(path) else "is in a folder that does not exist"
+            raise UsageError(f"{flag(name)} {path} {problem}: name a file to write")
+    if args.output and not (args.predict or args.average):
+        raise UsageError("--output is for --predict (FILE.csv or FILE.jsonl) and --average (the checkpoint); "
+                         "training writes to --output-dir")
+    if args.predict and args.output and not args.output.lower().endswith((".csv", ".jsonl")):
+        raise UsageError(f"--output {args.output}: --predict writes FILE.csv or FILE.jsonl")
+    if args.export and not args.export.lower().endswith((".pt2", ".onnx")):
+        raise UsageError(f"--export {args.export}: the file must be FILE.pt2 (torch.export) or FILE.onnx")
+    if args.export and args.export.lower().endswith(".onnx"):
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(f"--export {args.export} needs {', '.join(missing)} (torch.onnx's exporter: onnx and "
+                             f"onnxscript; the check against eager: onnxruntime): pip install onnx onnxscript "
+                             f"onnxruntime, or export FILE.pt2")
+    for name in ("class_map", "real_labels"):
+        if getattr(args, name) and not args.evaluate:
+            raise UsageError(f"{flag(name)} is for --evaluate")
+    if args.eval_flip and not (args.evaluate or args.predict):
+        raise UsageError("--eval-flip is for --evaluate and --predict (training's evaluation stays plain)")
+    if checkpoint is not None and "averaged_from" in checkpoint and not inference_only(args):
+        raise UsageError(f"{args.resume} averages {len(checkpoint['averaged_from'])} checkpoints and has no "
+                         f"optimizer state to continue from: evaluate it (--evaluate --resume), or fine-tune "
+                         f"from it with --weights {args.resume} (a new run)")
+
+
+def one_process(env, what):
+    if env.world_size > 1:
+        raise UsageError(f"{what} runs in one process: python train.py {what} ..., not under torchrun")
+
+
+def kept_checkpoints(folder):
+    """{epoch: path} of the --keep-best checkpoints (best-epochE.pt) in `folder`."""
+    found = {}
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"best-epoch(\d+)\.pt", name)
+        if match:
+            found[int(match[1])] = os.path.join(folder, name)
+    return found
+
+
+def keep_best_checkpoints(folder, history, keep, newest):
+    """--keep-best: the folder's best-epochE.pt become the `keep` best evaluated epochs of `history`
+    by val top-1 (the earlier epoch first on a tie, as for best.pt). `newest`, the epoch's checkpoint
+    just written, is linked in when its epoch is one of them; then the ones that fell out are
+    deleted (a crash in between leaves one too many, never one too few)."""
+    ranked = sorted((row for row in history if "val_top1" in row), key=lambda row: (-row["val_top1"], row["epoch"]))
+    best = {row["epoch"] for row in ranked[:keep]}
+    epoch = history[-1]["epoch"]
+    if epoch in best:
+        utils.copy_atomic(newest, os.path.join(folder, f"best-epoch{epoch}.pt"))
+    for old, path in kept_checkpoints(folder).items():
+        if old not in best:
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def notes_beside_predictions(args):
+    """With the predictions on stdout (--predict without --output), notes go to stderr, so that
+    stdout is the CSV alone."""
+    if args.predict and not args.output:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    else:
+        yield
+
+
+def imagenet_class_names():
+    """ImageNet-1k's 1000 class names in label order (sorted wnids), from torchvision's weight
+    metadata: shipped with the package, nothing is downloaded."""
+    from torchvision.models import EfficientNet_B0_Weights
+    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_names(args, checkpoint):
+    """The model's class names in label order: the run's class folders (a checkpoint's "classes",
+    also when --weights names a checkpoint), else ImageNet's for 1000 classes, else the label
+    indices. With --weights and no --num-classes, args.num_classes becomes the file's."""
+    names = checkpoint.get("classes") if checkpoint is not None else None
+    if checkpoint is None:
+        weights = utils.load_checkpoint(args.weights, what="--weights file",
+                                        advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
+        names = weights.get("classes") if isinstance(weights.get("model"), dict) else None
+        if args.num_classes is None:
+            try:
+                args.num_classes = convert_state_dict(weights)["classifier.weight"].shape[0]
+            except (ValueError, KeyError) as e:
+                raise UsageError(f"--weights {args.weights}: {e}") from None
+    if names is None and args.num_classes == 1000:
+        names = imagenet_class_names()
+    names = list(names or [])[:args.num_classes]
+    return names + [str(label) for label in range(len(names), args.num_classes)]
+
+
+def inference_model(args, env, checkpoint):
+    """(Run with the model of --resume or --weights on the device, class names) for --predict and --export."""
+    names = class_names(args, checkpoint)
+    r = Run(args, env, resolve_amp(args.amp, env.device))
+    build_model(r, checkpoint)
+    r.model.eval()
+    return r, names
+
+
+def predict_command(args, env, checkpoint):
+    """--predict: the --top-k classes of every file named, with the run's eval preprocessing, as CSV
+    (stdout or FILE.csv) or JSON lines (FILE.jsonl); a file that cannot be read or decoded gets its
+    reason in the `error` column and the others are predicted."""
+    one_process(env, "--predict")
+    files = data.list_images(args.predict)
+    r, names = inference_model(args, env, checkpoint)
+    notes = sys.stdout if args.output else sys.stderr  # stdout carries the predictions alone
+    k = min(args.top_k, args.num_classes)
+    if k < args.top_k:
+        print(f"note: --top-k {args.top_k}: the model has {args.num_classes} classes, so {k} per image", file=notes)
+    start_time, errors = time.time(), {}
+    rows = predict_files(r, files, names, k, errors)
+    lines = prediction_lines(rows, k, jsonl=bool(args.output) and args.output.lower().endswith(".jsonl"))
+    if args.output:
+        utils.write_text(args.output, "".join(lines))
+    else:
+        for line in lines:
+            sys.stdout.write(line)
+    seconds = time.time() - start_time
+    print(f"predicted {len(files)} files ({len(errors)} could not be read or decoded) in {seconds:.1f} s "
+          f"({len(files) / seconds:.1f} img/s) with EfficientNet-{args.arch} at {args.image_size} px (resize "
+          f"{args.val_resize}, {args.val_interpolation}{', flip averaged' if args.eval_flip else ''}) on "
+          f"{env.device.type}{f' -> {args.output}' if args.output else ''}", file=notes)
+    return 0
+
+
+@torch.no_grad()
+def predict_files(r, files, names, k, errors):
+    """Yields (path, [(class name, probability), ...] best first, error or None) for each file, in
+    order: batches of --batch-size decoded by --workers loader processes, the model on the device.
+    `errors` gets {file index: why it could not be used} as the batches leave the loader."""
+    args, env = r.args, r.env
+    dataset = data.ImageFiles(files, data.ValTransform(args.image_size, args.val_resize, args.val_interpolation))
+    batches = data.build_loader(dataset, None, args.batch_size, args.workers, train=False,
+                                pin_memory=env.device.type == "cuda")
+    loader = data.DeviceLoader(set_aside_errors(batches, errors), env.device, args.channels_last, args.mean, args.std)
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    for images, indices in loader:
+        scores = class_scores(r.eval_model, images, r.amp_dtype, args.eval_flip)
+        top = scores.topk(k, dim=1)
+        probs = scores.softmax(dim=1).gather(1, top.indices)
+        for i, labels, p in zip(indices.tolist(), top.indices.tolist(), probs.tolist()):
+            error = errors.get(i)
+            yield files[i], [] if error else [(names[c], q) for c, q in zip(labels, p)], error
+        bar.update(len(indices))
+    bar.close()
+
+
+def set_aside_errors(batches, errors):
+    """(pixels, indices, reasons) batches -> (pixels, indices); the reasons of the files that could
+    not be used go into `errors` {index: reason}."""
+    for images, indices, reasons in batches:
+        errors.update((i, reason) for i, reason in zip(indices.tolist(), reasons) if reason)
+        yield images, indices
+
+
+def prediction_lines(rows, k, jsonl):
+    """predict_files' rows -> the output's lines: JSON objects {"path", "classes", "probs", "error"},
+    or CSV with a header: path, class_1, prob_1, ..., class_k, prob_k, error."""
+    if jsonl:
+        for path, top, error in rows:
+            yield json.dumps({"path": path, "classes": [c for c, _ in top], "probs": [p for _, p in top],
+                              "error": error}) + "\n"
+        return
+    yield csv_line(["path", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "prob")), "error"])
+    for path, top, error in rows:
+        cells = [cell for name, p in top for cell in (name, f"{p:.6g}")] or [""] * (2 * k)
+        yield csv_line([path, *cells, error or ""])
+
+
+def csv_line(cells):
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
+    return buffer.getvalue()
+
+
+def average_command(args, env):
+    """--average CKPT... --output FILE: one checkpoint whose weights (and EMA, when every input has
+    one) are the inputs' mean, tensor for tensor; integer buffers (BatchNorm's num_batches_tracked)
+    take their largest value. It holds the newest input's args and classes and no optimizer state:
+    --evaluate/--predict/--export --resume and --weights take it, a training --resume refuses it."""
+    check_after_training_flags(args, None)
+    one_process(env, "--average")
+    if not args.output:
+        raise UsageError("--average needs --output FILE: where the averaged checkpoint goes")
+    paths = averaged_paths(args.average)
+    state, lines = average_checkpoints(paths)
+    for line in lines:
+        log(env, line)
+    try:
+        utils.save_atomic(state, args.output)
+    except utils.DiskFull as e:
+        raise UsageError(str(e)) from None
+    log(env, f"wrote {args.output}: --evaluate --resume {args.output} evaluates it (also --predict, --export), "
+             f"--weights {args.output} fine-tunes from it; training cannot --resume it (no optimizer state)")
+    return 0
+
+
+def averaged_paths(names):
+    """--average's inputs: checkpoint files as given, a run folder's --keep-best checkpoints by epoch."""
+    paths = []
+    for name in names:
+        if os.path.isdir(name):
+            kept = [path for _, path in sorted(kept_checkpoints(name).items())]
+            if not kept:
+                raise UsageError(f"--average {name}: the folder holds no best-epochE.pt (train with --keep-best N), "
+                                 f"or name the checkpoints")
+            paths += kept
+        else:
+            paths.append(name)
+    if len(paths) < 2:
+        raise UsageError(f"--average needs two or more checkpoints, got {', '.join(paths)}")
+    return paths
+
+
+def average_checkpoints(paths):
+    """-> (the averaged checkpoint, the lines that say what was averaged: one per input, a summary).
+    Inputs must be train.py checkpoints of one model (arch, classes); they are read one at a time."""
+    model_sums, ema_sums, sources, lines, first, newest, with_ema = {}, {}, [], [], None, None, 0
+    for n, path in enumerate(paths, 1):
+        checkpoint = utils.load_checkpoint(path, advice="--average takes checkpoints of train.py")
+        if not all(key in checkpoint for key in ("model", "args", "epoch")):
+            raise UsageError(f"{path} is not a train.py checkpoint (model, args, epoch): --average takes those")
+        settings, classes = checkpoint["args"], checkpoint.get("classes")
+        model = (settings["arch"], settings["num_classes"], classes)
+        first = first or (path, model)
+        if model != first[1]:
+            what = "arch" if model[0] != first[1][0] else "classes"
+            raise UsageError(f"cannot average {path} ({describe_model(model)}) with {first[0]} "
+                             f"({describe_model(first[1])}): another {what}; the checkpoints must be of one model")
+        add_state(model_sums, checkpoint["model"], path)
+        if checkpoint.get("ema") is not None:
+            add_state(ema_sums, checkpoint["ema"], path)
+            with_ema += 1
+        top1 = next((row["val_top1"] for row in checkpoint.get("history", [])
+                     if row.get("epoch") == checkpoint["epoch"] and "val_top1" in row), None)
+        lines.append(f"{n}/{len(paths)} {path}: epoch {checkpoint['epoch']}, step {checkpoint.get('step', '?')}, "
+                     f"{f'val top-1 {top1:.3f}' if top1 is not None else 'not evaluated'}"
+                     f"{', with EMA' if checkpoint.get('ema') is not None else ', no EMA'}")
+        sources.append({"path": os.path.abspath(path), "epoch": checkpoint["epoch"], "step": checkpoint.get("step")})
+        order = (checkpoint["epoch"], checkpoint.get("step") or 0)
+        if newest is None or order >= newest[0]:  # a tie: the later input
+            newest = (order, path, settings, classes)
+        del checkpoint
+    averaged = mean_state(model_sums, len(paths))
+    ema = mean_state(ema_sums, len(paths)) if with_ema == len(paths) else None
+    ema_said = ("averaged the same way" if ema is not None else
+                f"not averaged: {with_ema} of the {len(paths)} have one, the result has none" if with_ema else
+                "none (no input has one)")
+    floats = sum(1 for t in averaged.values() if t.is_floating_point())
+    integers = [name for name, t in averaged.items() if not t.is_floating_point()]
+    lines.append(f"averaged {len(paths)} checkpoints of EfficientNet-{first[1][0]} ({first[1][1]} classes): {floats} "
+                 f"floating-point tensors as their mean (BatchNorm running statistics too: averaged, not "
+                 f"recomputed on data), {len(integers)} integer buffers ({summarise_names(integers)}) as their "
+                 f"largest value; EMA {ema_said}; "
+                 f"args and classes of the newest, {newest[1]} (epoch {newest[0][0]})")
+    state = {"args": newest[2], "classes": newest[3], "model": averaged, "ema": ema, "epoch": newest[0][0],
+             "averaged_from": sources}
+    return state, lines
+
+
+def describe_model(model):
+    arch, num_classes, classes = model
+    return f"{arch}, {num_classes} outputs, classes {', '.join(classes[:3]) + (' ...' if len(classes) > 3 else '') if classes else 'unnamed'}"
+
+
+def add_state(sums, state, path):
+    """Add a state dict into `sums` {name: (float64 sum, or integer maximum; dtype)}."""
+    if sums and set(state) != set(sums):
+        raise UsageError(f"{path} holds other tensors than the checkpoints before it: not the same model")
+    for name, tensor in state.items():
+        if name not in sums:
+            sums[name] = (tensor.double() if tensor.is_floating_point() else tensor.clone(), tensor.dtype)
+            continue
+        total = sums[name][0]
+        if tensor.shape != total.shape:
+            raise UsageError(f"{path}: {name} is {tuple(tensor.shape)}, {tuple(total.shape)} before: not the same model")
+        total = total + tensor.double() if tensor.is_floating_point() else torch.maximum(total, tensor)
+        sums[name] = (total, tensor.dtype)
+
+
+def mean_state(sums, count):
+    return {name: (total / count).to(dtype) if dtype.is_floating_point else total for name, (total, dtype) in sums.items()}
+
+
+def summarise_names(names):
+    """'num_batches_tracked' (49 buffers of that name), or the first few names."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    return ", ".join(leaves[:3]) + (" ..." if len(leaves) > 3 else "") if names else "none"
+
+
+def export_command(args, env, checkpoint):
+    """--export FILE.pt2|FILE.onnx: the model in eval mode with a dynamic batch (and height and
+    width from EXPORT_MIN_SIZE, when the run's size is at least that), checked against eager on
+    random images (two batch sizes, and another size when dynamic) before the file is kept
+    (atomically); its preprocessing and class names go beside it, in FILE.json."""
+    one_process(env, "--export")
+    r, names = inference_model(args, env, checkpoint)
+    model = r.model.to("cpu", memory_format=torch.contiguous_format)
+    size = args.image_size
+    shapes = {0: torch.export.Dim("batch", min=1, max=EXPORT_MAX_BATCH)}
+    if size >= EXPORT_MIN_SIZE:
+        shapes[2] = torch.export.Dim("height", min=EXPORT_MIN_SIZE, max=EXPORT_MAX_SIZE)
+        shapes[3] = torch.export.Dim("width", min=EXPORT_MIN_SIZE, max=EXPORT_MAX_SIZE)
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=g)
+    samples = [torch.randn(1, 3, size, size, generator=g), torch.randn(3, 3, size, size, generator=g)]
+    if 2 in shapes:
+        samples.append(torch.randn(2, 3, size + 17, size + 40, generator=g))
+    with torch.no_grad():
+        expected = [model(x) for x in samples]
+    onnx = args.export.lower().endswith(".onnx")
+    write = write_onnx if onnx else write_pt2
+    weights_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    utils.write_atomic(args.export, lambda tmp: write(model, example, shapes, tmp, samples, expected), weights_bytes)
+    dynamic = {"batch": [1, EXPORT_MAX_BATCH]}
+    dynamic.update({"height": [EXPORT_MIN_SIZE, EXPORT_MAX_SIZE], "width": [EXPORT_MIN_SIZE, EXPORT_MAX_SIZE]}
+                   if 2 in shapes else {"height": size, "width": size})
+    description = {
+        "file": os.path.basename(args.export), "format": "onnx" if onnx else "torch.export (torch.export.load)",
+        "from": args.weights or (args.resume if args.resume != "auto" else f"the newest checkpoint of {args.output_dir}"),
+        "arch": args.arch, "num_classes": args.num_classes,
+        "image_size": size, "val_resize": args.val_resize, "val_interpolation": args.val_interpolation,
+        "mean": args.mean, "std": args.std,
+        "input": "float32 (batch, 3, height, width), RGB: the short side resized to val_resize (val_interpolation, "
+                 "PIL), center-cropped to image_size, divided by 255, minus mean, divided by std",
+        "output": "logits (batch, num_classes); softmax gives the probabilities, classes[i] names output i",
+        "dynamic": dynamic, "classes": names}
+    utils.write_json(args.export + ".json", description)
+    shown = "batch" + (", height and width" if 2 in shapes else f" (height and width fixed at {size})")
+    log(env, f"exported EfficientNet-{args.arch} ({args.num_classes} classes) to {args.export}, dynamic {shown}, "
+             f"outputs checked against eager at {', '.join('x'.join(map(str, x.shape)) for x in samples)}; "
+             f"preprocessing and class names in {args.export}.json")
+    return 0
+
+
+def write_pt2(model, example, shapes, path, samples, expected):
+    program = torch.export.export(model, (example,), dynamic_shapes=(shapes,))
+    with open(path, "wb") as f:  # a file object: torch.export wants the name to end in .pt2
+        torch.export.save(program, f)
+    with open(path, "rb") as f:
+        check_exported(torch.export.load(f).module(), samples, expected, path)
+
+
+def write_onnx(model, example, shapes, path, samples, expected):
+    import onnxruntime
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        torch.onnx.export(model, (example,), path, dynamo=True, dynamic_shapes=(shapes,), external_data=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    check_exported(lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]), samples, expected, path)
+
+
+def check_exported(run_file, samples, expected, path):
+    for x, want in zip(samples, expected):
+        with torch.no_grad():
+            got = run_file(x)
+        error = ((got - want).abs().max() / want.abs().max().clamp(min=1)).item()
+        if not error <= EXPORT_TOLERANCE:
+            raise RuntimeError(f"the exported model ({path}) differs from eager by {error:.3g} (relative) on a "
+                               f"{'x'.join(map(str, x.shape))} input, more than {EXPORT_TOLERANCE}; not written")
 
 
 if __name__ == "__main__":

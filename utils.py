@@ -282,6 +282,16 @@ def copy_atomic(src, dst):
                 os.fsync(f.fileno())
 
 
+def write_atomic(path, write, size=0):
+    """`write(tmp)` writes the file under a temporary name beside `path` (for writers that take a
+    path: torch.export.save, ONNX); when it returns, the file is fsynced and renamed over `path`,
+    when it raises, the temporary is removed and `path` left as it was. `size`: about the bytes."""
+    with _replacing(path, size) as tmp:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
 def remove_stale_temporaries(folder):
     """Delete the temporary files of save_atomic / copy_atomic that a killed process left behind.
     Only call it while holding the folder's lock (no live writer then)."""

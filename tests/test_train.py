@@ -134,7 +134,9 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
     assert args["arch"] == "b0" and args["weight_decay"] == 1e-5 and args["dropout"] == 0.2
     assert (args["output_dir"], args["num_classes"], args["channels_last"], args["lean_activations"],
             args["amp"], args["batch_size"]) == (str(out), 3, False, True, "off", 4)  # resolved, not null
-    assert [k for k, v in args.items() if v is None] == ["weights", "resume"]
+    # Not given: the weights started from, the checkpoint resumed, and the after-training commands.
+    assert [k for k, v in args.items() if v is None] == ["weights", "resume", "predict", "output", "average",
+                                                         "export", "class_map", "real_labels"]
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
