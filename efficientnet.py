@@ -17,7 +17,6 @@ those with `create_model("b5", bn_eps=1e-3, bn_momentum=0.01)` before loading th
 `tf_efficientnet_bX` (Google's TF checkpoints: plain, AutoAugment, AdvProp, Noisy Student) need TF's
 "SAME" padding and BatchNorm: build them by that name, `create_model("tf_efficientnet_b0")`.
 """
-import contextlib
 import math
 import re
 from typing import NamedTuple
@@ -274,10 +273,11 @@ class MBConv(nn.Module):
 
 class _RunningStatsFrozen:
     """Context manager (reusable): inside, the BatchNorm running statistics of `module` stay as
-    they are (momentum 0, the batch count restored on exit)."""
+    they are (momentum 0, the batch count restored on exit). Without a module it changes nothing."""
 
-    def __init__(self, module):
-        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    def __init__(self, module=None):
+        modules = module.modules() if module is not None else ()
+        self.norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def __enter__(self):
         self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
@@ -297,7 +297,7 @@ def _forward_recompute(block, x):
     only its own there): they get the plain checkpoint."""
     if torch.compiler.is_compiling():
         return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-    contexts = (contextlib.nullcontext(), _RunningStatsFrozen(block))  # (forward, recomputation)
+    contexts = (_RunningStatsFrozen(), _RunningStatsFrozen(block))  # (forward: as it is, recomputation: frozen)
     return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=lambda: contexts)
 
 

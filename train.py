@@ -99,7 +99,17 @@ def seconds(text):
 def build_parser():
     p = Parser(description="Train or evaluate EfficientNet on ImageNet (torchrun for several GPUs).",
                formatter_class=HelpFormatter)
-    g = p.add_argument_group("model")
+    add_model_flags(p.add_argument_group("model"))
+    add_data_flags(p.add_argument_group("data"))
+    add_optimisation_flags(p.add_argument_group("optimisation"))
+    add_speed_flags(p.add_argument_group("speed"))
+    add_run_flags(p.add_argument_group("run"))
+    add_after_training_flags(p.add_argument_group(
+        "after training (with --resume CHECKPOINT, whose run's settings apply, or --weights FILE)"))
+    return p
+
+
+def add_model_flags(g):
     g.add_argument("--arch", default="b0", help="b0..b7; tf_efficientnet_b0..b7 for Google's TF weights (timm's tf_ files): "
                                                 "TF 'SAME' padding and BatchNorm")
     g.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the data's class count)")
@@ -118,7 +128,9 @@ def build_parser():
     g.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum (default: 0.1, tf_ archs 0.01; torchvision's b5-b7 weights: 0.01)")
     g.add_argument("--weights", default=None, help="start from (or --evaluate) a state dict: this repo's, torchvision's or timm's; "
                                                    "a classifier of another class count is re-initialised (fine-tuning)")
-    g = p.add_argument_group("data")
+
+
+def add_data_flags(g):
     g.add_argument("--data", default=None, help="ImageNet root (train/ and val/ class folders), 'demo' or 'synthetic' "
                                                 "(default with --resume: the run's own)")
     g.add_argument("--workers", type=int, default=None,
@@ -151,7 +163,9 @@ def build_parser():
     g.add_argument("--repeated-aug", type=int, default=1, metavar="N",
                    help="each image N times per epoch, differently augmented, on N different processes when there are "
                         "at least N (else side by side); the epoch keeps its length (DeiT's repeated augmentation; 1: off)")
-    g = p.add_argument_group("optimisation")
+
+
+def add_optimisation_flags(g):
     g.add_argument("--recipe", choices=list(recipes.RECIPES), default="seed",
                    help="the defaults of a published recipe (the README's table); flags given win")
     g.add_argument("--opt", choices=["rmsprop", "rmsproptf", "sgd", "adamw"], default="rmsprop",
@@ -176,7 +190,9 @@ def build_parser():
     g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, e.g. 0.9999 (0: off)")
-    g = p.add_argument_group("speed")
+
+
+def add_speed_flags(g):
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast dtype; auto: bf16 on GPUs with native bf16 (compute capability 8.0+), else fp16 (GradScaler); off on CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
     g.add_argument("--lean-activations", action=argparse.BooleanOptionalAction, default=None,
@@ -188,7 +204,9 @@ def build_parser():
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic CUDA kernels, no cuDNN autotuning: a CUDA run then resumes bit for bit (on the "
                         "same GPU model and world size), at a cost in speed; CPU runs always do")
-    g = p.add_argument_group("run")
+
+
+def add_run_flags(g):
     g.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<arch>-<date-time>)")
     g.add_argument("--resume", default=None, help="checkpoint to continue with its run's settings (flags given override them, with a note), or 'auto': "
                         "the newest good one in --output-dir, or a new run there when it holds none")
@@ -209,7 +227,9 @@ def build_parser():
     g.add_argument("--max-nonfinite", type=int, default=20, help="fp16: stop after this many consecutive skipped steps (bf16/fp32 stop at the first)")
     g.add_argument("--keep-best", type=int, default=0, metavar="N",
                    help="also keep the N best epoch-end checkpoints by val top-1, as best-epochE.pt (0: best.pt only)")
-    g = p.add_argument_group("after training (with --resume CHECKPOINT, whose run's settings apply, or --weights FILE)")
+
+
+def add_after_training_flags(g):
     g.add_argument("--predict", nargs="+", default=None, metavar="PATH",
                    help="classify image files, folders (searched recursively) and file lists (.txt, one path a line, "
                         "relative to the list's folder) with the run's eval preprocessing; CSV on stdout or --output")
@@ -229,7 +249,6 @@ def build_parser():
                    help="--evaluate: ReaL's real.json for the ImageNet val set; adds real_top1")
     g.add_argument("--eval-flip", action="store_true",
                    help="--evaluate, --predict: average the softmax of each image and of its mirror image")
-    return p
 
 
 def parse_args(argv=None):
