@@ -640,7 +640,15 @@ def main(argv=None):
                 resolve_args(args, env, given, checkpoint)
             return run(args, env, checkpoint)
         except (Exception, KeyboardInterrupt) as e:
-            return exit_code(e, env, args)
+            code = exit_code(e, env, args)
+            if code == EXIT_PEER_LOST:
+                # The group is broken, with gloo work still pending: tearing it down (here or at
+                # interpreter exit) can abort the process (SIGABRT) after the line above. Leave now;
+                # the loader workers die with this process (PR_SET_PDEATHSIG), the lock is released.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            return code
         finally:
             if env.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
