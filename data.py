@@ -16,12 +16,15 @@ never depends on worker count, rank count, decoder or where a run resumed.
 
     python data.py check DATA                          # decode every file before a multi-day run
     python data.py sort-val DATA/val --labels LOC_val_solution.csv   # val as downloaded -> class folders
+    python data.py pack DATA PACK                      # tar shards + index for network file systems: --data PACK
 """
 import argparse
 import atexit
 import contextlib
+import concurrent.futures
 import ctypes
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -33,6 +36,7 @@ import random
 import re
 import signal
 import sys
+import tarfile
 import threading
 import time
 import warnings
@@ -64,22 +68,29 @@ READ_ATTEMPTS = 4  # a network file system's transient errors (EIO, ESTALE, time
 READ_BACKOFF_SECONDS = 0.05  # doubled after each failed try: 0.05 + 0.1 + 0.2 s at most
 
 
-def read_file(path, retries=None):
-    """The bytes of `path`. A read that raises OSError is tried again, after a short backoff, up to
+def read_retrying(read, what, fix, retries=None):
+    """read()'s bytes. A read that raises OSError is tried again, after a short backoff, up to
     READ_ATTEMPTS times in all (each retry counted in `retries`, a multiprocessing.Value shared with
-    the loader's workers: torch's DataLoader passes nothing else back from them); then DataError."""
+    the loader's workers: torch's DataLoader passes nothing else back from them); then DataError
+    naming `what` and `fix`."""
     for attempt in range(READ_ATTEMPTS):
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read()
         except OSError as e:
             if attempt + 1 == READ_ATTEMPTS:
-                raise DataError(f"cannot read image {path}: {e.strerror or e} ({READ_ATTEMPTS} attempts; check the file "
-                                f"system, or remove the file)") from None
+                raise DataError(f"cannot read {what}: {e.strerror or e} ({READ_ATTEMPTS} attempts; {fix})") from None
             if retries is not None:
                 with retries.get_lock():
                     retries.value += 1
             time.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
+
+
+def read_file(path, retries=None):
+    """The bytes of the file `path`, read with retries (read_retrying)."""
+    def read():
+        with open(path, "rb") as f:
+            return f.read()
+    return read_retrying(read, f"image {path}", "check the file system, or remove the file", retries)
 
 
 def is_16_bit_gray(mode):
@@ -555,14 +566,19 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def read(self, index):
+        """(the bytes of sample `index`, the name error messages give it)."""
+        path = self.samples[index][0]
+        return read_file(path, self.read_retries), path
+
     def __getitem__(self, item):
         index, epoch, copy = sample_key(item)
-        path, label = self.samples[index]
-        encoded = read_file(path, self.read_retries)
+        encoded, name = self.read(index)
+        label = self.samples[index][1]
         rng = sample_rng(self.seed, epoch, index, copy)
         if self.decode == "gpu":  # the worker's half of GPU decoding: bytes, box and flip only
-            return self.transform(path, encoded, rng, epoch), label
-        return self.transform(decode_rgb(path, encoded), rng, epoch), label
+            return self.transform(name, encoded, rng, epoch), label
+        return self.transform(decode_rgb(name, encoded), rng, epoch), label
 
 
 # Other label orders and label sets for an ImageFolder's val set (train.py --evaluate), and the
@@ -781,17 +797,260 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
         problem = "is a file, not a folder" if os.path.exists(data) else "does not exist"
         raise DataError(f"data folder {data} {problem} (give the ImageNet root holding train/ "
                         f"and val/, or --data demo / --data synthetic)")
-    val = ImageFolder(os.path.join(data, "val"), val_tf, seed)
+    val = open_split(data, "val", val_tf, seed)
     if not with_train:
         return None, val
-    train = ImageFolder(os.path.join(data, "train"), train_tf, seed, decode=decode)
+    train = open_split(data, "train", train_tf, seed, decode=decode)
+    check_same_classes(data, train, val)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed shards. `python data.py pack DATA OUT` writes each split as tar shards in WebDataset's
+# layout (<key>.jpg, .png, ... holding the file's bytes unchanged, then <key>.cls holding the label),
+# which `tar` and the webdataset package read, plus an index of where every sample's bytes lie.
+# `--data OUT` then reads sample i by one os.pread from its shard (ShardFolder): the samples, order
+# and labels of the folders it was packed from, so runs, resumes and evaluations are the same.
+# Written by hand rather than with webdataset or wids: webdataset streams shards (no access by
+# index, so no exact sampler order, sharding or resume), and wids scans every shard's tar headers in
+# each process that opens it and copies shards into a local cache; here the index is written once,
+# when packing, and Python's tarfile writes the shards.
+
+PACK_FORMAT = "efficientnet-pack/1"
+PACK_INDEX = "index.json"  # written last: a folder holding it is a complete pack
+PACK_PROGRESS = "pack-in-progress.json"  # while packing: what is being packed, so a rerun continues
+TAR_BLOCK = 512
+READ_AHEAD = 64  # files read at once, by as many threads, while packing (a network file system's latency)
+
+
+def is_pack(folder):
+    return os.path.isfile(os.path.join(folder, PACK_INDEX))
+
+
+def read_pack_index(pack, name=PACK_INDEX):
+    path = os.path.join(pack, name)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read the pack index {path} ({e}): pack again with python data.py pack DATA {pack}") from None
+    if not isinstance(index, dict) or index.get("format") != PACK_FORMAT:
+        raise DataError(f"{path} is not the index of a {PACK_FORMAT} pack: pack again with python data.py pack DATA {pack}")
+    return index
+
+
+class ShardFolder(ImageFolder):
+    """One split of a pack: the samples (relative names), labels, classes and skipped files of the
+    ImageFolder it was packed from, in its order. Sample i's bytes are one os.pread from its shard,
+    each shard opened once per process. `root` is PACK/<split>, as DATA/<split> is a folder's."""
+
+    def __init__(self, pack, split, transform, seed=0, decode="cpu"):
+        self.root, self.transform, self.seed, self.decode = os.path.join(pack, split), transform, seed, decode
+        self.read_retries = multiprocessing.Value("q", 0)
+        index = read_pack_index(pack)
+        if split not in index["splits"]:
+            raise DataError(f"the pack {pack} has no {split} set ({index['source']} had no {split}/ when it was "
+                            f"packed): pack a DATA that has {split}/")
+        entry = index["splits"][split]
+        self.classes, self.skipped_files = entry["classes"], entry["skipped_files"]
+        self.shards = [os.path.join(pack, name) for name in entry["shards"]]
+        for path, expected in zip(self.shards, entry["shard_bytes"]):
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            if size != expected:
+                found = "is missing" if size is None else f"is {size:,} bytes, the index says {expected:,}"
+                raise DataError(f"shard {path} {found}: copy the pack again, or pack again into {pack}")
+        table = np.load(os.path.join(pack, f"{split}.npy"))
+        self.shard_of, self.offsets, self.sizes = table["shard"], table["offset"], table["size"]
+        self.samples = list(zip(entry["names"], table["label"].tolist()))
+        self.files = {}  # shard -> file descriptor, in this process
+
+    def __getstate__(self):  # descriptors do not cross a spawn; each process opens its own
+        return dict(self.__dict__, files={})
+
+    def read(self, index):
+        shard, offset, size = int(self.shard_of[index]), int(self.offsets[index]), int(self.sizes[index])
+        name = f"{self.samples[index][0]} in {self.shards[shard]}"
+
+        def read():
+            try:
+                if shard not in self.files:
+                    self.files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+                encoded = os.pread(self.files[shard], size, offset)
+            except OSError:  # the next try opens the shard again (a stale handle: ESTALE)
+                with contextlib.suppress(KeyError, OSError):
+                    os.close(self.files.pop(shard))
+                raise
+            if len(encoded) != size:
+                raise DataError(f"shard {self.shards[shard]} ends inside image {self.samples[index][0]}: "
+                                f"copy the pack again")
+            return encoded
+        return read_retrying(read, f"image {name}", "check the file system", self.read_retries), name
+
+
+def open_split(data, split, transform, seed=0, decode="cpu"):
+    """DATA/<split>: a ShardFolder when DATA is a pack, else an ImageFolder."""
+    if is_pack(data):
+        return ShardFolder(data, split, transform, seed, decode)
+    return ImageFolder(os.path.join(data, split), transform, seed, decode)
+
+
+def check_same_classes(data, train, val):
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise DataError(f"{data}/train and {data}/val have different class folders "
                         f"(only in train: {', '.join(only_train[:5]) or '-'}; only in val: "
                         f"{', '.join(only_val[:5]) or '-'}); both need the same classes")
-    return train, val
+
+
+def parse_size(text):
+    """'1GB', '500MB', '64KiB', '1000000' -> bytes (kB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary)."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)\s*([kKMGT]i?B|B)?", text.strip())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1GB, 500MB, 256MiB)")
+    unit = (match[2] or "B").upper()
+    scale = 1024 ** "BKMGT".index(unit[0]) if "I" in unit else 1000 ** "BKMGT".index(unit[0])
+    return max(1, int(float(match[1]) * scale))
+
+
+def tar_member_bytes(size):
+    """Bytes of one file in a tar: its 512-byte header, then its data padded to whole blocks."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def member_name(index, name, label=None):
+    """The tar name of sample `index` (relative name `name`): <key>.jpg/.png/... or <key>.cls. The
+    key has no dots (WebDataset's key ends at the first one): the index, then the file's stem."""
+    stem, ext = os.path.splitext(os.path.basename(name))
+    key = f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:60]}"
+    if label is not None:
+        return key + ".cls"
+    return key + (".jpg" if ext.lower() in (".jpg", ".jpeg") else ext.lower())
+
+
+def plan_split(folder, shard_size):
+    """Where each sample of `folder` (an ImageFolder) goes: shard, data offset; and each shard's
+    size as a tar file (tarfile ends one with two zero blocks and pads it to whole records)."""
+    names = [os.path.relpath(path, folder.root) for path, _ in folder.samples]
+    stats = [os.stat(path) for path, _ in folder.samples]
+    shard_of, offsets, shard_bytes, pos = [], [], [], 0
+    for (_, label), st in zip(folder.samples, stats):
+        need = tar_member_bytes(st.st_size) + tar_member_bytes(len(str(label)))
+        if pos and pos + need + 2 * TAR_BLOCK > shard_size:
+            shard_bytes.append(-(-(pos + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE)
+            pos = 0
+        shard_of.append(len(shard_bytes))
+        offsets.append(pos + TAR_BLOCK)
+        pos += need
+    shard_bytes.append(-(-(pos + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE)
+    return {"classes": folder.classes, "names": names, "labels": [label for _, label in folder.samples],
+            "sources": [path for path, _ in folder.samples], "sizes": [st.st_size for st in stats],
+            "mtimes": [st.st_mtime_ns for st in stats], "shard_of": shard_of, "offsets": offsets,
+            "shard_bytes": shard_bytes, "skipped_files": folder.skipped_files}
+
+
+def pack_plan(data, shard_size):
+    """The pack of DATA: a plan per split (plan_split) and the plan's identity, a hash of every
+    sample's name, label, size and modification time and of the shard size."""
+    listed = {split: ImageFolder(os.path.join(data, split), None)
+              for split in ("train", "val") if os.path.isdir(os.path.join(data, split))}
+    if not listed:
+        raise DataError(f"{data} has neither train/ nor val/ to pack (expected DATA/train/<class>/*.JPEG "
+                        f"and DATA/val/<class>/*.JPEG)")
+    if len(listed) == 2:
+        check_same_classes(data, listed["train"], listed["val"])
+    plans = {split: plan_split(folder, shard_size) for split, folder in listed.items()}
+    what = [PACK_FORMAT, shard_size] + [[split, p["classes"], p["names"], p["labels"], p["sizes"], p["mtimes"]]
+                                        for split, p in plans.items()]
+    return plans, hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def write_shard(path, plan, members):
+    """Shard `path` of samples `members` (indices into `plan`): written to path.tmp, synced, then
+    renamed, so a shard that exists is whole. Each offset is checked against the plan's."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
+            concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
+        for start in range(0, len(members), READ_AHEAD):
+            chunk = members[start:start + READ_AHEAD]
+            for i, encoded in zip(chunk, pool.map(read_file, [plan["sources"][i] for i in chunk])):
+                if len(encoded) != plan["sizes"][i]:
+                    raise DataError(f"{plan['sources'][i]} changed while packing: pack again into a new folder")
+                add_member(tar, member_name(i, plan["names"][i]), encoded)
+                if tar.offset - tar_member_bytes(len(encoded)) + TAR_BLOCK != plan["offsets"][i]:
+                    raise RuntimeError(f"tarfile placed {plan['sources'][i]} elsewhere than planned in {path}")
+                add_member(tar, member_name(i, plan["names"][i], plan["labels"][i]), str(plan["labels"][i]).encode())
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def add_member(tar, name, content):
+    """A regular file in `tar`, with nothing of this machine in its header (same bytes every time)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(content), 0o644, 0
+    tar.addfile(info, io.BytesIO(content))
+
+
+def write_atomic(path, write):
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def check_pack_output(out, identity, plans):
+    """Whether OUT already holds this pack (True), or nothing or its unfinished packing (False);
+    a folder holding another pack, or other files, raises DataError."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"{out} is a file: give a new or empty folder to pack into")
+    held = set(os.listdir(out)) if os.path.isdir(out) else set()
+    for name in (PACK_INDEX, PACK_PROGRESS):
+        if name in held and read_pack_index(out, name).get("identity") != identity:
+            raise DataError(f"{out} holds the pack of other files or another --shard-size "
+                            f"({read_pack_index(out, name).get('source')}): give another folder, or remove {out}")
+    ours = {PACK_INDEX, PACK_PROGRESS} | {f"{split}.npy" for split in plans}
+    ours |= {f"{split}-{n:06d}.tar" for split, plan in plans.items() for n in range(len(plan["shard_bytes"]))}
+    others = sorted(name for name in held if name not in ours and name.removesuffix(".tmp") not in ours)
+    if others:
+        raise DataError(f"{out} holds files that are not this pack's ({', '.join(others[:3])}): "
+                        f"give a new or empty folder to pack into")
+    return PACK_INDEX in held
+
+
+def pack(data, out, shard_size=10 ** 9):
+    """Pack DATA's train and val (those it has) into OUT, resuming an unfinished packing of the same
+    files. Returns ({split: (images, shards)}, whether OUT held the whole pack already). The layout:
+    OUT/<split>-000000.tar, ... (the shards), OUT/<split>.npy (each sample's shard, offset, size and
+    label), OUT/index.json (classes, shard names and sizes, each sample's relative name)."""
+    from tqdm import tqdm
+    plans, identity = pack_plan(data, shard_size)
+    counts = {split: (len(p["names"]), len(p["shard_bytes"])) for split, p in plans.items()}
+    if check_pack_output(out, identity, plans):
+        return counts, True
+    os.makedirs(out, exist_ok=True)
+    head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size, "identity": identity}
+    write_atomic(os.path.join(out, PACK_PROGRESS), lambda f: f.write(json.dumps(head).encode()))
+    splits = {}
+    for split, plan in plans.items():
+        shards = [f"{split}-{n:06d}.tar" for n in range(len(plan["shard_bytes"]))]
+        members = [[] for _ in shards]
+        for i, n in enumerate(plan["shard_of"]):
+            members[n].append(i)
+        for name, expected, chunk in tqdm(list(zip(shards, plan["shard_bytes"], members)), desc=f"packing {split}", unit="shard"):
+            path = os.path.join(out, name)
+            if not (os.path.isfile(path) and os.path.getsize(path) == expected):
+                write_shard(path, plan, chunk)
+        table = np.zeros(len(plan["names"]), [("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i4")])
+        table["shard"], table["offset"], table["size"], table["label"] = (
+            plan["shard_of"], plan["offsets"], plan["sizes"], plan["labels"])
+        write_atomic(os.path.join(out, f"{split}.npy"), lambda f: np.save(f, table))
+        splits[split] = {"classes": plan["classes"], "shards": shards, "shard_bytes": plan["shard_bytes"],
+                         "skipped_files": plan["skipped_files"], "names": plan["names"]}
+    write_atomic(os.path.join(out, PACK_INDEX), lambda f: f.write(json.dumps(dict(head, splits=splits)).encode()))
+    os.remove(os.path.join(out, PACK_PROGRESS))
+    return counts, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1150,17 +1409,18 @@ def conversion(mode):
             }.get(mode, "converted to RGB")
 
 
-def _inspect(path):
-    """(path, problem or None, odd format or None) for one file, decoded fully as load_rgb does."""
+def _inspect(path, encoded=None, shown=None):
+    """(shown or path, problem or None, odd format or None) for one file (or its bytes `encoded`),
+    decoded fully as load_rgb does."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path if encoded is None else io.BytesIO(encoded)) as img:
             fmt, mode, frames = img.format, img.mode, getattr(img, "n_frames", 1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 img.load()
                 transparent = "transparency" in img.info
     except Exception as e:  # every failure is a finding here, whatever its type
-        return path, f"{type(e).__name__}: {e}", None
+        return shown or path, f"{type(e).__name__}: {e}", None
     ext = os.path.splitext(path)[1].lower()
     odd = []
     if mode != "RGB":
@@ -1170,22 +1430,62 @@ def _inspect(path):
         odd.append(f"{frames} frames, the first one used")
     if ext in (".jpg", ".jpeg") and fmt != "JPEG":
         odd.append(f"{fmt} file named {ext}")
-    return path, None, "; ".join(odd) or None
+    return shown or path, None, "; ".join(odd) or None
+
+
+_CHECKED_SHARDS = {}  # shard -> descriptor, in each process of `data.py check` on a pack
+
+
+def _inspect_packed(job):
+    """_inspect for sample `index` of a pack, read with its tar headers and label in one os.pread; a
+    header that does not name this sample's file, size and label is a finding too."""
+    index, name, label, shard, offset, size = job
+    if shard not in _CHECKED_SHARDS:
+        _CHECKED_SHARDS[shard] = os.open(shard, os.O_RDONLY)
+    span = tar_member_bytes(size) - TAR_BLOCK
+    block = os.pread(_CHECKED_SHARDS[shard], span + 3 * TAR_BLOCK, offset - TAR_BLOCK)
+    shown = f"{name} in {shard}"
+    try:
+        header = tarfile.TarInfo.frombuf(block[:TAR_BLOCK], "utf-8", "surrogateescape")
+        cls = tarfile.TarInfo.frombuf(block[TAR_BLOCK + span:2 * TAR_BLOCK + span], "utf-8", "surrogateescape")
+        cls_text = block[2 * TAR_BLOCK + span:2 * TAR_BLOCK + span + cls.size]
+    except tarfile.HeaderError as e:
+        return shown, f"no tar header where the index says ({e}): pack again", None
+    if (header.name, header.size, cls.name, cls_text) != (member_name(index, name), size,
+                                                          member_name(index, name, label), str(label).encode()):
+        return shown, f"the shard holds {header.name} ({header.size} bytes), {cls.name} = {cls_text[:10]!r} where the " \
+                      f"index says {member_name(index, name)} ({size} bytes) of label {label}: pack again", None
+    return _inspect(name, block[TAR_BLOCK:TAR_BLOCK + size], shown)
+
+
+def packed_jobs(pack):
+    """_inspect_packed's jobs for every sample of a pack, and the files skipped when it was packed."""
+    index, jobs, skipped = read_pack_index(pack), [], []
+    for split in index["splits"]:
+        folder = ShardFolder(pack, split, None)
+        jobs += [(i, name, label, folder.shards[folder.shard_of[i]], int(folder.offsets[i]), int(folder.sizes[i]))
+                 for i, (name, label) in enumerate(folder.samples)]
+        skipped += folder.skipped_files
+    return jobs, skipped
 
 
 def check(root, workers):
+    """Decode every image file under `root` (or every sample of the pack `root`); 1 if any is bad."""
     from multiprocessing import Pool
 
     from tqdm import tqdm
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names)
-    paths = [p for p in files if is_image_name(os.path.basename(p))]
-    skipped = [p for p in files if not is_image_name(os.path.basename(p))]
-    if not paths:
+    if is_pack(root):
+        (jobs, skipped), inspect = packed_jobs(root), _inspect_packed
+    else:
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names)
+        jobs, inspect = [p for p in files if is_image_name(os.path.basename(p))], _inspect
+        skipped = [p for p in files if not is_image_name(os.path.basename(p))]
+    if not jobs:
         raise DataError(f"no image files under {root} ({', '.join(IMG_EXTENSIONS)})")
     bad, odd = [], []
     with Pool(workers) as pool:
-        for path, problem, oddity in tqdm(pool.imap_unordered(_inspect, paths, chunksize=64),
-                                          total=len(paths), desc="decoding", unit="img"):
+        for path, problem, oddity in tqdm(pool.imap_unordered(inspect, jobs, chunksize=64),
+                                          total=len(jobs), desc="decoding", unit="img"):
             if problem:
                 bad.append((path, problem))
             elif oddity:
@@ -1196,8 +1496,8 @@ def check(root, workers):
         print(f"odd format (loads as RGB): {path}: {oddity}")
     for path, problem in sorted(bad):
         print(f"UNDECODABLE: {path}: {problem}")
-    print(f"checked {len(paths)} files: {len(bad)} undecodable, {len(odd)} odd formats; "
-          f"{len(skipped)} files skipped as not images")
+    print(f"checked {len(jobs)} {'samples' if is_pack(root) else 'files'}: {len(bad)} undecodable, {len(odd)} odd "
+          f"formats; {len(skipped)} files skipped as not images")
     return 1 if bad else 0
 
 
@@ -1340,6 +1640,22 @@ def sort_val(val_dir, labels, meta=None, out=None):
     return len(todo), len(placed)
 
 
+def pack_command(data, out, shard_size):
+    try:
+        counts, already = pack(data, out, shard_size)
+    except KeyboardInterrupt:
+        print(f"error: packing stopped; the same command continues it (finished shards in {out} are kept)",
+              file=sys.stderr)
+        return 130
+    done = ", ".join(f"{images} {split} images in {shards} shards" for split, (images, shards) in counts.items())
+    print(f"{out} already holds this pack: {done}" if already else f"packed {done} into {out}; train and evaluate "
+          f"with --data {out}")
+    note = skipped_note(*(ShardFolder(out, split, None) for split in counts))
+    if note and not already:
+        print(note)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="ImageNet data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1353,10 +1669,18 @@ def main(argv=None):
                    "line, or the devkit's ILSVRC2012_validation_ground_truth.txt (with --meta)")
     p.add_argument("--meta", default=None, help="the devkit's data/meta.mat (with the devkit's ground truth; needs scipy)")
     p.add_argument("--out", default=None, help="hard-link into OUT/<wnid>/ and leave VAL as it is (default: move within VAL)")
+    p = commands.add_parser("pack", help="write DATA's train and val as tar shards (WebDataset's layout) with an "
+                                         "index, for --data OUT; a rerun continues an unfinished packing")
+    p.add_argument("data", help="the ImageNet root (DATA/train/<class>/*, DATA/val/<class>/*)")
+    p.add_argument("out", help="a new or empty folder, or one that holds this packing unfinished")
+    p.add_argument("--shard-size", type=parse_size, default=10 ** 9, metavar="SIZE",
+                   help="most bytes a shard holds, e.g. 1GB (the default), 500MB, 256MiB")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
             return check(args.data, max(1, args.workers))
+        if args.command == "pack":
+            return pack_command(args.data, args.out, args.shard_size)
         moved, present = sort_val(args.val, args.labels, args.meta, args.out)
         print(f"{'linked' if args.out else 'moved'} {moved} images into class folders of "
               f"{args.out or args.val}; {present} were already in place")

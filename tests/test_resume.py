@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import data
 import utils
 from conftest import ROOT, make_imagenet
 from test_train import SPY, child_env, command, read_metrics, run_train
@@ -151,6 +152,35 @@ def test_sigusr1_to_one_rank_stops_both_then_resume_equals_uninterrupted(data_ro
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and 3 <= state["epoch_step"] < 12 and len(state["ranks"]) == 2
     resumed = run_train([*args, "--resume", "auto"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path, reference_two_ranks)
+
+
+@pytest.fixture(scope="module")
+def pack(data_root, tmp_path_factory):
+    """data_root packed into shards of 16 kB (several per split): python data.py pack."""
+    out = str(tmp_path_factory.mktemp("pack"))
+    assert data.main(["pack", data_root, out, "--shard-size", "16kB"]) == 0
+    assert len(data.ShardFolder(out, "train", None).shards) > 2
+    return out
+
+
+def test_run_from_shards_equals_the_run_from_folders(pack, reference, tmp_path):
+    result = run_train(["--data", pack, "--output-dir", tmp_path, *RUN])
+    assert result.returncode == 0, result.stderr
+    assert_same_run(tmp_path, reference)  # same samples, crops, flips, mixup, val figures
+
+
+def test_two_ranks_stopped_mid_epoch_on_shards_resume_equal_to_folders(pack, reference_two_ranks, tmp_path):
+    args = ["--data", pack, "--output-dir", tmp_path, *RUN, "--batch-size", "2"]
+    process = start(args, nproc=2)
+    wait_for_line(process, "epoch 2/2 step 2/12")
+    os.kill(rank_pid(process.pid, 0), signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert "stopped by SIGTERM at step" in err and "exitcode  : 75" in err, err[-3000:]
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and 2 <= state["epoch_step"] < 12
+    resumed = run_train(["--output-dir", tmp_path, "--resume", "auto"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path, reference_two_ranks)
 
