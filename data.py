@@ -867,6 +867,11 @@ class ShardFolder(ImageFolder):
     def __getstate__(self):  # descriptors do not cross a spawn; each process opens its own
         return dict(self.__dict__, files={})
 
+    def close(self):
+        """Close the shards this process opened (the next read opens them again)."""
+        while self.files:
+            os.close(self.files.popitem()[1])
+
     def read(self, index):
         shard, offset, size = int(self.shard_of[index]), int(self.offsets[index]), int(self.sizes[index])
         name = f"{self.samples[index][0]} in {self.shards[shard]}"

@@ -9,11 +9,15 @@ own batch augmentation (`--random-erase`, `--mixup`/`--cutmix`: per image of a b
     python benchmarks/bench_data.py                    # writes 256 photo-like ImageNet-sized JPEGs
     python benchmarks/bench_data.py --data /imagenet/val --images 2000
 
+The same images are also read from a pack of them (`python data.py pack`: one positioned read per
+image, see data.py), and the files each pipeline opens per 1,000 images are counted.
+
 What a worker does is timed whole: __getitem__ for every image, then the collation of batches (default_collate; data.collate for this repo)
 (float32 batches for the textbook pipeline, uint8 or encoded ones for this one). Pipelines alternate A/B over
 several rounds in one process with one thread; the table shows the median round.
 """
 import argparse
+import builtins
 import io
 import json
 import os
@@ -68,20 +72,60 @@ def write_images(folder, count, classes=8):
 
 
 class Ours(torch.utils.data.Dataset):
-    """This repo's ImageFolder and transform, addressed like TrainSampler does: (index, epoch)."""
+    """This repo's ImageFolder (or, with `pack`, the ShardFolder of that pack's train split) and
+    transform, addressed like TrainSampler does: (index, epoch); `images` of its samples at most,
+    in a shuffled order (random access, as in training)."""
 
-    def __init__(self, root, transform, pil_decode=False, decode="cpu"):
-        self.inner = data.ImageFolder(root, transform, decode=decode)
+    def __init__(self, root, transform, images, pil_decode=False, decode="cpu", pack=None):
+        self.inner = data.ShardFolder(pack, "train", transform, decode=decode) if pack else \
+            data.ImageFolder(root, transform, decode=decode)
         self.pil_decode, self.decode = pil_decode, decode
+        self.indices = list(range(len(self.inner)))
+        random.Random(0).shuffle(self.indices)
+        del self.indices[images:]
 
     def __len__(self):
-        return len(self.inner)
+        return len(self.indices)
 
-    def __getitem__(self, index):
+    def __getitem__(self, i):
+        index = self.indices[i]
         if not self.pil_decode:
             return self.inner[(index, 0)]
         path, label = self.inner.samples[index]
         return self.inner.transform(data.load_rgb(path), data.sample_rng(0, 0, index)), label
+
+
+def pack_images(root, images, folder, shard_size):
+    """Pack the `images` files of `root` that Ours reads as the train split of a pack in `folder`
+    (through links in folder/source/train), for the rows read from shards."""
+    chosen = Ours(root, None, images)
+    for i in chosen.indices:
+        path = chosen.inner.samples[i][0]
+        link = os.path.join(folder, "source", "train", os.path.relpath(path, root))
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.abspath(path), link)
+    data.pack(os.path.join(folder, "source"), os.path.join(folder, "pack"), shard_size)
+    return os.path.join(folder, "pack")
+
+
+def opens_per_1000(dataset, batch_size):
+    """Files opened (open() and os.open()) per 1,000 images in one worker_pass of `dataset`, as a
+    fresh process makes it (a pack's shards not yet open)."""
+    if hasattr(dataset, "inner") and hasattr(dataset.inner, "close"):
+        dataset.inner.close()
+    count, builtin_open, os_open = [0], builtins.open, os.open
+
+    def counted(opener):
+        def wrapped(*args, **kwargs):
+            count[0] += 1
+            return opener(*args, **kwargs)
+        return wrapped
+    builtins.open, os.open = counted(builtin_open), counted(os_open)
+    try:
+        worker_pass(dataset, batch_size)
+    finally:
+        builtins.open, os.open = builtin_open, os_open
+    return 1000 * count[0] / len(dataset)
 
 
 def worker_pass(dataset, batch_size):
@@ -114,11 +158,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds; the median counts")
     parser.add_argument("--augments", nargs="*", default=["autoaugment", "randaugment", "trivialaugment", "augmix"],
                         choices=data.AUGMENTS[1:], help="--augment rows to time")
+    parser.add_argument("--shard-size", type=data.parse_size, default=10 ** 9,
+                        help="shard size of the rows read from a pack (python data.py pack --shard-size)")
     parser.add_argument("--json", default="bench_data.json", help="where to write the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as packed:
         root = args.data
         note = f"{root}"
         if root is None:
@@ -132,21 +178,25 @@ def main():
                                     T.ToTensor(), normalize])
         textbook_val = T.Compose([T.Resize(args.val_resize, interpolation=bicubic), T.CenterCrop(args.size),
                                   T.ToTensor(), normalize])
+        pack = pack_images(root, args.images, packed, args.shard_size)
+        n = args.images
         pipelines = {
             "train: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_train),
-            "train: data.py": Ours(root, data.TrainTransform(args.size)),
-            "train: data.py, PIL decode": Ours(root, data.TrainTransform(args.size), pil_decode=True),
-            "train: data.py --decode gpu, worker's share": Ours(root, data.EncodedTrainTransform(args.size), decode="gpu"),
+            "train: data.py": Ours(root, data.TrainTransform(args.size), n),
+            "train: data.py, from shards (data.py pack)": Ours(root, data.TrainTransform(args.size), n, pack=pack),
+            "train: data.py, PIL decode": Ours(root, data.TrainTransform(args.size), n, pil_decode=True),
+            "train: data.py --decode gpu, worker's share": Ours(root, data.EncodedTrainTransform(args.size), n, decode="gpu"),
             **{f"train: data.py --augment {name}{' (m9, mstd 0.5)' if name == 'randaugment' else ''}":
-               Ours(root, data.TrainTransform(args.size, augment=name, magnitude_std=0.5)) for name in args.augments},
+               Ours(root, data.TrainTransform(args.size, augment=name, magnitude_std=0.5), n) for name in args.augments},
             "val: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_val),
-            "val: data.py": Ours(root, data.ValTransform(args.size, args.val_resize)),
-            "val: data.py, PIL decode": Ours(root, data.ValTransform(args.size, args.val_resize), pil_decode=True),
+            "val: data.py": Ours(root, data.ValTransform(args.size, args.val_resize), n),
+            "val: data.py, from shards (data.py pack)": Ours(root, data.ValTransform(args.size, args.val_resize), n, pack=pack),
+            "val: data.py, PIL decode": Ours(root, data.ValTransform(args.size, args.val_resize), n, pil_decode=True),
         }
-        for dataset in pipelines.values():  # keep --images of a large folder
-            samples = dataset.samples if hasattr(dataset, "samples") else dataset.inner.samples
-            random.Random(0).shuffle(samples)
-            del samples[args.images:]
+        for dataset in pipelines.values():  # torchvision's: keep the --images that Ours reads, in its order
+            if hasattr(dataset, "samples"):
+                random.Random(0).shuffle(dataset.samples)
+                del dataset.samples[args.images:]
         batch_rows = {"batch: --random-erase 0.25 (training process)": {"erase": 0.25},
                       "batch: --mixup 0.2 --cutmix 1.0 (training process)": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
         rates = {name: [] for name in [*pipelines, *batch_rows]}
@@ -155,6 +205,9 @@ def main():
                 rates[name].append(worker_pass(dataset, args.batch_size))
             for name, options in batch_rows.items():
                 rates[name].append(batch_pass(args.size, args.batch_size, options))
+        opens = {name: opens_per_1000(pipelines[name], args.batch_size) for name in
+                 ("train: torchvision ImageFolder + textbook", "train: data.py", "train: data.py, from shards (data.py pack)")}
+        shards = len(data.ShardFolder(pack, "train", None).shards)
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratio = {"train": median["train: data.py"] / median["train: torchvision ImageFolder + textbook"],
              "val": median["val: data.py"] / median["val: torchvision ImageFolder + textbook"]}
@@ -166,8 +219,15 @@ def main():
         print(f"| {name} | {value:.1f} | {min(rates[name]):.1f}-{max(rates[name]):.1f} |")
     print(f"| **ratio, train** | **{ratio['train']:.2f}x** | |")
     print(f"| **ratio, val** | **{ratio['val']:.2f}x** | |")
+    print(f"\nfiles opened per 1,000 images, one pass over the {args.images} images in a shuffled order "
+          f"(the pack: {shards} shard(s) of at most {args.shard_size:,} bytes; each process opens a shard once):")
+    print("| pipeline | opens per 1,000 images |")
+    print("|---|---:|")
+    for name, value in opens.items():
+        print(f"| {name} | {value:.1f} |")
     with open(args.json, "w") as f:
-        json.dump({"note": note, "args": vars(args), "rates": rates, "median": median, "ratio": ratio}, f, indent=2)
+        json.dump({"note": note, "args": vars(args), "rates": rates, "median": median, "ratio": ratio,
+                   "opens_per_1000": opens, "shards": shards}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -194,3 +194,15 @@ def test_a_missing_or_cut_shard_and_a_split_not_packed_are_named(tmp_path, capsy
                                         ("1.5kB", 1500), ("4096", 4096)])
 def test_shard_sizes_read_as_people_write_them(text, size):
     assert data.parse_size(text) == size
+
+
+def test_train_py_names_a_missing_shard_in_one_line(tmp_path):
+    from test_train import run_train
+    root = make_imagenet(tmp_path / "data")
+    out = str(tmp_path / "pack")
+    assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 0
+    shard = data.ShardFolder(out, "train", None).shards[1]
+    os.remove(shard)
+    result = run_train(["--data", out, "--output-dir", tmp_path / "run", "--image-size", "32", "--epochs", "1"])
+    assert result.returncode == 2 and not os.path.exists(tmp_path / "run")
+    assert result.stderr.strip() == f"error: shard {shard} is missing: copy the pack again, or pack again into {out}"
