@@ -970,6 +970,10 @@ def pack_plan(data, shard_size):
     return plans, hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
+def shard_names(split, plan):
+    return [f"{split}-{n:06d}.tar" for n in range(len(plan["shard_bytes"]))]
+
+
 def write_shard(path, plan, members):
     """Shard `path` of samples `members` (indices into `plan`): written to path.tmp, synced, then
     renamed, so a shard that exists is whole. Each offset is checked against the plan's."""
@@ -1016,7 +1020,7 @@ def check_pack_output(out, identity, plans):
             raise DataError(f"{out} holds the pack of other files or another --shard-size "
                             f"({read_pack_index(out, name).get('source')}): give another folder, or remove {out}")
     ours = {PACK_INDEX, PACK_PROGRESS} | {f"{split}.npy" for split in plans}
-    ours |= {f"{split}-{n:06d}.tar" for split, plan in plans.items() for n in range(len(plan["shard_bytes"]))}
+    ours |= {name for split, plan in plans.items() for name in shard_names(split, plan)}
     others = sorted(name for name in held if name not in ours and name.removesuffix(".tmp") not in ours)
     if others:
         raise DataError(f"{out} holds files that are not this pack's ({', '.join(others[:3])}): "
@@ -1032,14 +1036,17 @@ def pack(data, out, shard_size=10 ** 9):
     from tqdm import tqdm
     plans, identity = pack_plan(data, shard_size)
     counts = {split: (len(p["names"]), len(p["shard_bytes"])) for split, p in plans.items()}
-    if check_pack_output(out, identity, plans):
-        return counts, True
+    whole = {os.path.join(out, name): size for split, plan in plans.items()
+             for name, size in zip(shard_names(split, plan), plan["shard_bytes"])}
+    if check_pack_output(out, identity, plans) and all(
+            os.path.isfile(path) and os.path.getsize(path) == size for path, size in whole.items()):
+        return counts, True  # else a shard went missing or was cut: written again below
     os.makedirs(out, exist_ok=True)
     head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size, "identity": identity}
     write_atomic(os.path.join(out, PACK_PROGRESS), lambda f: f.write(json.dumps(head).encode()))
     splits = {}
     for split, plan in plans.items():
-        shards = [f"{split}-{n:06d}.tar" for n in range(len(plan["shard_bytes"]))]
+        shards = shard_names(split, plan)
         members = [[] for _ in shards]
         for i, n in enumerate(plan["shard_of"]):
             members[n].append(i)

@@ -219,6 +219,11 @@ def main():
         print(f"| {name} | {value:.1f} | {min(rates[name]):.1f}-{max(rates[name]):.1f} |")
     print(f"| **ratio, train** | **{ratio['train']:.2f}x** | |")
     print(f"| **ratio, val** | **{ratio['val']:.2f}x** | |")
+    for split in ("train", "val"):  # the same images, round by round: machine drift cancels
+        paired = [a / b for a, b in zip(rates[f"{split}: data.py, from shards (data.py pack)"], rates[f"{split}: data.py"])]
+        ratio[f"shards/folders, {split}"] = statistics.median(paired)
+        print(f"| **from shards / from folders, {split}** (per round) | **{ratio[f'shards/folders, {split}']:.2f}x** | "
+              f"{min(paired):.2f}-{max(paired):.2f}x |")
     print(f"\nfiles opened per 1,000 images, one pass over the {args.images} images in a shuffled order "
           f"(the pack: {shards} shard(s) of at most {args.shard_size:,} bytes; each process opens a shard once):")
     print("| pipeline | opens per 1,000 images |")

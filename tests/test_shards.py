@@ -116,6 +116,10 @@ def test_pack_resumes_where_it_stopped_and_refuses_other_packs(tmp_path, monkeyp
     capsys.readouterr()
     assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 0
     assert f"{out} already holds this pack" in capsys.readouterr().out
+    os.truncate(written[1], 5120)  # a shard cut short after packing: the same command writes it again
+    assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 0
+    assert "packed 18 train images" in capsys.readouterr().out
+    assert open(written[1], "rb").read() == open(written[1].replace(out, fresh), "rb").read()
     assert data.main(["pack", root, out, "--shard-size", "9kB"]) == 2
     assert f"error: {out} holds the pack of other files or another --shard-size" in capsys.readouterr().err
     Image.fromarray(photo(20, 20)).save(os.path.join(root, "train", "a", "new.JPEG"))
