@@ -923,6 +923,11 @@ def tar_member_bytes(size):
     return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
+def tar_file_bytes(members_end):
+    """A tar file's size: its members, two zero blocks, padded to whole records (as tarfile ends it)."""
+    return -(-(members_end + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def member_name(index, name, label=None):
     """The tar name of sample `index` (relative name `name`): <key>.jpg/.png/... or <key>.cls. The
     key has no dots (WebDataset's key ends at the first one): the index, then the file's stem."""
@@ -935,19 +940,19 @@ def member_name(index, name, label=None):
 
 def plan_split(folder, shard_size):
     """Where each sample of `folder` (an ImageFolder) goes: shard, data offset; and each shard's
-    size as a tar file (tarfile ends one with two zero blocks and pads it to whole records)."""
+    size as a tar file."""
     names = [os.path.relpath(path, folder.root) for path, _ in folder.samples]
     stats = [os.stat(path) for path, _ in folder.samples]
     shard_of, offsets, shard_bytes, pos = [], [], [], 0
     for (_, label), st in zip(folder.samples, stats):
         need = tar_member_bytes(st.st_size) + tar_member_bytes(len(str(label)))
         if pos and pos + need + 2 * TAR_BLOCK > shard_size:
-            shard_bytes.append(-(-(pos + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE)
+            shard_bytes.append(tar_file_bytes(pos))
             pos = 0
         shard_of.append(len(shard_bytes))
         offsets.append(pos + TAR_BLOCK)
         pos += need
-    shard_bytes.append(-(-(pos + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE)
+    shard_bytes.append(tar_file_bytes(pos))
     return {"classes": folder.classes, "names": names, "labels": [label for _, label in folder.samples],
             "sources": [path for path, _ in folder.samples], "sizes": [st.st_size for st in stats],
             "mtimes": [st.st_mtime_ns for st in stats], "shard_of": shard_of, "offsets": offsets,
