@@ -627,11 +627,17 @@ def main(argv=None):
     with global_state_kept():
         try:
             env = utils.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
+        except UsageError as e:  # srun's variables do not tell how to form the group
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         except RuntimeError as e:  # torchrun's next restart (or the scheduler) takes over from here
             print(f"error: rank {os.environ.get('RANK')}: the process group did not form within --dist-timeout "
                   f"{args.dist_timeout:g} s ({utils.first_line(e)}); start the job again (--resume auto continues "
                   f"the run)", file=sys.stderr)
             return EXIT_PEER_LOST
+        if env.launcher == "srun":
+            log(env, f"srun: {env.world_size} tasks, process group formed from SLURM's variables at "
+                     f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
         try:
             if args.average:
                 return average_command(args, env)

@@ -1,5 +1,5 @@
-"""Small pieces train.py builds on: torchrun set-up, checkpoint files, RNG state, signals, EMA,
-TensorFlow's RMSprop."""
+"""Small pieces train.py builds on: torchrun (or srun) set-up, checkpoint files, RNG state, signals,
+EMA, TensorFlow's RMSprop."""
 import contextlib
 import copy
 import datetime
@@ -39,6 +39,7 @@ class Dist:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     control: object = None  # a gloo group for CPU-side agreement (stop signals), None when alone
+    launcher: str = None  # "torchrun" or "srun" (no torchrun: SLURM's variables), None when alone
 
     @property
     def main(self):
@@ -46,14 +47,20 @@ class Dist:
 
 
 def init_distributed(timeout=datetime.timedelta(minutes=30)):
-    """torchrun's environment -> Dist. Plain `python train.py` is world size 1, no process group.
-    NCCL on CUDA, gloo on CPU; one GPU per process (LOCAL_RANK). Set-up and every collective give
-    up after `timeout` (RuntimeError) instead of waiting for a stopped or vanished process."""
+    """torchrun's environment, or SLURM's in a task that srun started (slurm_launch) -> Dist. Plain
+    `python train.py` is world size 1, no process group. NCCL on CUDA, gloo on CPU; one GPU per
+    process: LOCAL_RANK modulo the visible GPUs, so that srun's --gpus-per-task=1 (one visible each)
+    and all of a node's GPUs visible both work. Set-up and every collective give up after `timeout`
+    (RuntimeError) instead of waiting for a stopped or vanished process."""
+    launch = slurm_launch(os.environ)
+    os.environ.update(launch)  # as torchrun would: data.default_workers and env:// read these names
+    if "OMP_NUM_THREADS" in launch:
+        torch.set_num_threads(1)  # this process started without it: torch took one thread per core
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -70,7 +77,125 @@ def init_distributed(timeout=datetime.timedelta(minutes=30)):
                             store=store, rank=rank, world_size=world_size)
     # Stop flags are agreed on every step; a gloo group keeps that off the GPU stream (no sync).
     control = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
-    return Dist(rank, local_rank, world_size, device, control)
+    return Dist(rank, local_rank, world_size, device, control, "srun" if launch else "torchrun")
+
+
+# MASTER_PORT under srun without one: 10000 + job id % 20000. Every task of a job derives the same
+# port with no exchange, a requeued job (same id) the same again; 10000-29999 lies above the
+# well-known ports and below Linux's ephemeral range (32768-60999), from which the system takes
+# the local ports of outgoing connections; two jobs on one node collide only if their ids are
+# equal modulo 20000.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 10000, 20000
+
+
+def slurm_launch(environ):
+    """torchrun's variables (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) for a task that srun started, from SLURM's: SLURM_STEP_NUM_TASKS, SLURM_PROCID,
+    SLURM_LOCALID, SLURM_STEP_TASKS_PER_NODE at SLURM_NODEID; MASTER_ADDR and MASTER_PORT from
+    `environ` when set, else the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST; task 0
+    runs there) and a port from SLURM_JOB_ID. OMP_NUM_THREADS=1 unless set, torchrun's default
+    (on the CPU the thread count changes the float sums: bitwise equal runs need the same).
+    {} when torchrun's own are set (torchrun inside an allocation), when this is no srun task,
+    and for a step of one task. Only srun sets SLURM_STEP_NUM_TASKS: the batch script
+    (SLURM_PROCID 0) and an salloc shell carry the allocation's SLURM_NTASKS, and a plain
+    `python train.py` there runs alone."""
+    if "WORLD_SIZE" in environ or "RANK" in environ or "SLURM_STEP_NUM_TASKS" not in environ:
+        return {}
+    world_size = _slurm_int(environ, "SLURM_STEP_NUM_TASKS")
+    if world_size == 1:
+        return {}
+    launch = {"WORLD_SIZE": str(world_size), "RANK": str(_slurm_int(environ, "SLURM_PROCID")),
+              "LOCAL_RANK": str(_slurm_int(environ, "SLURM_LOCALID")),
+              "MASTER_ADDR": environ.get("MASTER_ADDR") or _slurm_master_addr(environ, world_size),
+              "MASTER_PORT": environ.get("MASTER_PORT") or _slurm_master_port(environ)}
+    if "OMP_NUM_THREADS" not in environ:
+        launch["OMP_NUM_THREADS"] = "1"
+    if environ.get("SLURM_STEP_TASKS_PER_NODE"):
+        counts = tasks_per_node(environ["SLURM_STEP_TASKS_PER_NODE"])
+        node = _slurm_int(environ, "SLURM_NODEID") if "SLURM_NODEID" in environ else 0
+        if node >= len(counts):
+            raise UsageError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE="
+                             f"{environ['SLURM_STEP_TASKS_PER_NODE']} names {len(counts)} node(s)")
+        launch["LOCAL_WORLD_SIZE"] = str(counts[node])
+    return launch
+
+
+def _slurm_int(environ, name):
+    value = environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} is {'not set' if value is None else repr(value)}, where srun sets a number: "
+                         f"start train.py with srun (one task per GPU) or with torchrun") from None
+
+
+def _slurm_master_addr(environ, world_size):
+    for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"):
+        if environ.get(name):
+            try:
+                return expand_hostlist(environ[name])[0]
+            except ValueError as e:
+                raise UsageError(f"{name}={environ[name]} is not a SLURM host list ({e}); export MASTER_ADDR="
+                                 f"<the host of task 0>") from None
+    raise UsageError(f"srun started {world_size} tasks, but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST "
+                     f"nor MASTER_ADDR is set: export MASTER_ADDR=<the host of task 0>, e.g. "
+                     f"$(scontrol show hostnames | head -n 1)")
+
+
+def _slurm_master_port(environ):
+    job = environ.get("SLURM_JOB_ID", "")
+    if not job.isdigit():
+        raise UsageError(f"srun's SLURM_JOB_ID is {job or 'not set'}, so no port can be derived from it: "
+                         f"export MASTER_PORT=<a free port, the same for every task>")
+    return str(SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN)
+
+
+def expand_hostlist(text):
+    """SLURM's host list -> the host names in its order: "gpu[01-03,07],login2" -> gpu01, gpu02,
+    gpu03, gpu07, login2 (zero padding kept); brackets may stand anywhere in a name ("a[1-2]-b",
+    "r[1-2]n[1-4]"). ValueError for unbalanced brackets, an empty name or a bad range."""
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += (char == "[") - (char == "]")
+        if depth not in (0, 1):
+            raise ValueError("unbalanced or nested brackets")
+        if char == "," and depth == 0:
+            names.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError("unbalanced brackets")
+    return [host for name in names for host in _expand_name(name)]
+
+
+def _expand_name(name):
+    """One name of a host list, its bracket groups expanded left to right: "r[1-2]n[1-2]" -> r1n1,
+    r1n2, r2n1, r2n2."""
+    match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", name)
+    if match is None:
+        if not name or "]" in name:
+            raise ValueError(f"bad host name {name!r}")
+        return [name]
+    head, ranges, rest = match.groups()
+    tails = _expand_name(rest) if rest else [""]
+    numbers = []
+    for part in ranges.split(","):
+        bounds = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if bounds is None or int(bounds[2] or bounds[1]) < int(bounds[1]):
+            raise ValueError(f"bad range [{ranges}]")
+        low, high = bounds[1], bounds[2] or bounds[1]
+        numbers += [f"{n:0{len(low)}d}" for n in range(int(low), int(high) + 1)]
+    return [head + number + tail for number in numbers for tail in tails]
+
+
+def tasks_per_node(text):
+    """SLURM's tasks per node, compressed -> one count per node: "8(x2),4" -> [8, 8, 4]."""
+    counts = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise UsageError(f"SLURM_STEP_TASKS_PER_NODE={text} is not a list of task counts like 8(x2),4")
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts
 
 
 def _under_torchrun_agent_store():
