@@ -1168,9 +1168,13 @@ def _kill_workers_at_exit():
 
 def default_workers():
     """Loader processes per training process: this process's cores shared among the node's
-    training processes (torchrun's LOCAL_WORLD_SIZE), less the one the training process uses."""
+    training processes (LOCAL_WORLD_SIZE), less the one the training process uses. A task that srun
+    bound to its own --cpus-per-task cores (no torchrun in between) has its share already."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if "TORCHELASTIC_RUN_ID" not in os.environ and cores <= int(os.environ.get("SLURM_CPUS_PER_TASK", "0")):
+        sharing = 1
+    return max(1, cores // sharing - 1)
 
 
 def read_retries(*datasets):

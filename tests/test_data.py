@@ -828,6 +828,15 @@ def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
     assert data.default_workers() == max(1, cores - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert data.default_workers() == max(1, cores // 8 - 1)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(12)))  # srun: 12 cores of its own
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert data.default_workers() == 11
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(96)))  # not bound: the node's 96
+    assert data.default_workers() == 96 // 8 - 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun in a one-task allocation of 12 cores: 8 share them
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(12)))
+    assert data.default_workers() == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
