@@ -820,6 +820,7 @@ PACK_FORMAT = "efficientnet-pack/1"
 PACK_INDEX = "index.json"  # written last: a folder holding it is a complete pack
 PACK_PROGRESS = "pack-in-progress.json"  # while packing: what is being packed, so a rerun continues
 TAR_BLOCK = 512
+MAX_OPEN_SHARDS = 256  # per process; the one opened first is closed to open another
 READ_AHEAD = 64  # files read at once, by as many threads, while packing (a network file system's latency)
 
 
@@ -842,7 +843,7 @@ def read_pack_index(pack, name=PACK_INDEX):
 class ShardFolder(ImageFolder):
     """One split of a pack: the samples (relative names), labels, classes and skipped files of the
     ImageFolder it was packed from, in its order. Sample i's bytes are one os.pread from its shard,
-    each shard opened once per process. `root` is PACK/<split>, as DATA/<split> is a folder's."""
+    each shard opened once per process (at most MAX_OPEN_SHARDS open at a time). `root` is PACK/<split>, as DATA/<split> is a folder's."""
 
     def __init__(self, pack, split, transform, seed=0, decode="cpu"):
         self.root, self.transform, self.seed, self.decode = os.path.join(pack, split), transform, seed, decode
@@ -879,6 +880,8 @@ class ShardFolder(ImageFolder):
         def read():
             try:
                 if shard not in self.files:
+                    if len(self.files) >= MAX_OPEN_SHARDS:  # small shards: stay far below the fd limit
+                        os.close(self.files.pop(next(iter(self.files))))
                     self.files[shard] = os.open(self.shards[shard], os.O_RDONLY)
                 encoded = os.pread(self.files[shard], size, offset)
             except OSError:  # the next try opens the shard again (a stale handle: ESTALE)

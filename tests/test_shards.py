@@ -154,6 +154,18 @@ def test_shard_reads_are_retried_reopened_and_counted(packed, monkeypatch):
         shards.read(0)
 
 
+def test_a_process_keeps_at_most_max_open_shards_open(packed, monkeypatch):
+    root, out = packed
+    monkeypatch.setattr(data, "MAX_OPEN_SHARDS", 2)
+    shards, folder = data.ShardFolder(out, "train", None), data.ImageFolder(os.path.join(root, "train"), None)
+    assert len(shards.shards) == 3
+    for i in [*range(len(shards)), *reversed(range(len(shards)))]:
+        assert shards.read(i)[0] == open(folder.samples[i][0], "rb").read()
+        assert len(shards.files) <= 2
+    shards.close()
+    assert shards.files == {}
+
+
 def test_check_on_a_pack_finds_bad_samples_and_a_wrong_index(packed, capsys):
     root, out = packed
     assert data.main(["check", out, "--workers", "1"]) == 0
