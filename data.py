@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import utils
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -829,15 +831,24 @@ def is_pack(folder):
 
 
 def read_pack_index(pack, name=PACK_INDEX):
+    """The pack's index (or its packing's progress file), parsed once per process for each
+    version of the file (the train and val ShardFolders share it; a new pack is read anew).
+    Callers must not change it."""
     path = os.path.join(pack, name)
     try:
-        with open(path) as f:
-            index = json.load(f)
+        st = os.stat(path)
+        index = _parse_json(path, st.st_ino, st.st_mtime_ns, st.st_size)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read the pack index {path} ({e}): pack again with python data.py pack DATA {pack}") from None
     if not isinstance(index, dict) or index.get("format") != PACK_FORMAT:
         raise DataError(f"{path} is not the index of a {PACK_FORMAT} pack: pack again with python data.py pack DATA {pack}")
     return index
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_json(path, *version):
+    with open(path) as f:
+        return json.load(f)
 
 
 class ShardFolder(ImageFolder):
@@ -983,23 +994,22 @@ def shard_names(split, plan):
 
 
 def write_shard(path, plan, members):
-    """Shard `path` of samples `members` (indices into `plan`): written to path.tmp, synced, then
-    renamed, so a shard that exists is whole. Each offset is checked against the plan's."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
-            concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
-        for start in range(0, len(members), READ_AHEAD):
-            chunk = members[start:start + READ_AHEAD]
-            for i, encoded in zip(chunk, pool.map(read_file, [plan["sources"][i] for i in chunk])):
-                if len(encoded) != plan["sizes"][i]:
-                    raise DataError(f"{plan['sources'][i]} changed while packing: pack again into a new folder")
-                add_member(tar, member_name(i, plan["names"][i]), encoded)
-                if tar.offset - tar_member_bytes(len(encoded)) + TAR_BLOCK != plan["offsets"][i]:
-                    raise RuntimeError(f"tarfile placed {plan['sources'][i]} elsewhere than planned in {path}")
-                add_member(tar, member_name(i, plan["names"][i], plan["labels"][i]), str(plan["labels"][i]).encode())
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Shard `path` of samples `members` (indices into `plan`), written as utils.write_atomic
+    writes (a temporary file, fsynced, then renamed): a shard that exists is whole. Each offset
+    is checked against the plan's."""
+    def write(tmp):
+        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
+                concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
+            for start in range(0, len(members), READ_AHEAD):
+                chunk = members[start:start + READ_AHEAD]
+                for i, encoded in zip(chunk, pool.map(read_file, [plan["sources"][i] for i in chunk])):
+                    if len(encoded) != plan["sizes"][i]:
+                        raise DataError(f"{plan['sources'][i]} changed while packing: pack again into a new folder")
+                    add_member(tar, member_name(i, plan["names"][i]), encoded)
+                    if tar.offset - tar_member_bytes(len(encoded)) + TAR_BLOCK != plan["offsets"][i]:
+                        raise RuntimeError(f"tarfile placed {plan['sources'][i]} elsewhere than planned in {path}")
+                    add_member(tar, member_name(i, plan["names"][i], plan["labels"][i]), str(plan["labels"][i]).encode())
+    utils.write_atomic(path, write, sum(plan["sizes"][i] for i in members))
 
 
 def add_member(tar, name, content):
@@ -1009,12 +1019,9 @@ def add_member(tar, name, content):
     tar.addfile(info, io.BytesIO(content))
 
 
-def write_atomic(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+def save_npy(path, table):
+    with open(path, "wb") as f:  # np.save(path) would add ".npy" to a temporary's name
+        np.save(f, table)
 
 
 def check_pack_output(out, identity, plans):
@@ -1024,15 +1031,19 @@ def check_pack_output(out, identity, plans):
         raise DataError(f"{out} is a file: give a new or empty folder to pack into")
     held = set(os.listdir(out)) if os.path.isdir(out) else set()
     for name in (PACK_INDEX, PACK_PROGRESS):
-        if name in held and read_pack_index(out, name).get("identity") != identity:
+        held_pack = read_pack_index(out, name) if name in held else {"identity": identity}
+        if held_pack.get("identity") != identity:
             raise DataError(f"{out} holds the pack of other files or another --shard-size "
-                            f"({read_pack_index(out, name).get('source')}): give another folder, or remove {out}")
+                            f"({held_pack.get('source')}): give another folder, or remove {out}")
     ours = {PACK_INDEX, PACK_PROGRESS} | {f"{split}.npy" for split in plans}
     ours |= {name for split, plan in plans.items() for name in shard_names(split, plan)}
-    others = sorted(name for name in held if name not in ours and name.removesuffix(".tmp") not in ours)
+    stale = {name for name in held if name.startswith(".") and name[1:].split(".tmp.")[0] in ours}
+    others = sorted(held - ours - stale)  # stale: what utils.write_atomic left of a killed packing
     if others:
         raise DataError(f"{out} holds files that are not this pack's ({', '.join(others[:3])}): "
                         f"give a new or empty folder to pack into")
+    for name in stale:
+        os.remove(os.path.join(out, name))
     return PACK_INDEX in held
 
 
@@ -1051,7 +1062,7 @@ def pack(data, out, shard_size=10 ** 9):
         return counts, True  # else a shard went missing or was cut: written again below
     os.makedirs(out, exist_ok=True)
     head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size, "identity": identity}
-    write_atomic(os.path.join(out, PACK_PROGRESS), lambda f: f.write(json.dumps(head).encode()))
+    utils.write_text(os.path.join(out, PACK_PROGRESS), json.dumps(head))
     splits = {}
     for split, plan in plans.items():
         shards = shard_names(split, plan)
@@ -1065,10 +1076,10 @@ def pack(data, out, shard_size=10 ** 9):
         table = np.zeros(len(plan["names"]), [("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i4")])
         table["shard"], table["offset"], table["size"], table["label"] = (
             plan["shard_of"], plan["offsets"], plan["sizes"], plan["labels"])
-        write_atomic(os.path.join(out, f"{split}.npy"), lambda f: np.save(f, table))
+        utils.write_atomic(os.path.join(out, f"{split}.npy"), functools.partial(save_npy, table=table), table.nbytes)
         splits[split] = {"classes": plan["classes"], "shards": shards, "shard_bytes": plan["shard_bytes"],
                          "skipped_files": plan["skipped_files"], "names": plan["names"]}
-    write_atomic(os.path.join(out, PACK_INDEX), lambda f: f.write(json.dumps(dict(head, splits=splits)).encode()))
+    utils.write_text(os.path.join(out, PACK_INDEX), json.dumps(dict(head, splits=splits)))
     os.remove(os.path.join(out, PACK_PROGRESS))
     return counts, False
 
@@ -1712,6 +1723,9 @@ def main(argv=None):
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except utils.DiskFull as e:  # packing: the shard being written is removed, the finished ones kept
+        print(f"error: {e}; free space and run the same command to continue", file=sys.stderr)
+        return 5
 
 
 if __name__ == "__main__":

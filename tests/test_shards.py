@@ -106,6 +106,7 @@ def test_pack_resumes_where_it_stopped_and_refuses_other_packs(tmp_path, monkeyp
     assert "error: packing stopped; the same command continues it" in capsys.readouterr().err
     assert os.path.isfile(os.path.join(out, data.PACK_PROGRESS)) and not data.is_pack(out)
     kept = {path: os.stat(path).st_mtime_ns for path in written}
+    open(os.path.join(out, ".train-000002.tar.tmp.12345"), "wb").write(b"what a killed packing left")
     monkeypatch.setattr(data, "write_shard", write_shard)
     assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 0
     assert {path: os.stat(path).st_mtime_ns for path in written} == kept  # finished shards not rewritten
@@ -222,3 +223,23 @@ def test_train_py_names_a_missing_shard_in_one_line(tmp_path):
     result = run_train(["--data", out, "--output-dir", tmp_path / "run", "--image-size", "32", "--epochs", "1"])
     assert result.returncode == 2 and not os.path.exists(tmp_path / "run")
     assert result.stderr.strip() == f"error: shard {shard} is missing: copy the pack again, or pack again into {out}"
+
+
+def test_a_full_disk_while_packing_keeps_the_finished_shards_and_says_so(tmp_path, monkeypatch, capsys):
+    root = make_imagenet(tmp_path / "data", train=6, val=2)
+    out = str(tmp_path / "pack")
+    add_member, calls = data.add_member, []
+
+    def fills_the_disk(tar, name, content):
+        calls.append(name)
+        if len(calls) == 7:  # inside the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        add_member(tar, name, content)
+    monkeypatch.setattr(data, "add_member", fills_the_disk)
+    assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 5
+    err = capsys.readouterr().err
+    assert f"error: no space left in {os.path.abspath(out)} for train-000001.tar" in err and \
+        "run the same command to continue" in err
+    assert sorted(os.listdir(out)) == [data.PACK_PROGRESS, "train-000000.tar"]  # no temporary left
+    monkeypatch.setattr(data, "add_member", add_member)
+    assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 0 and data.is_pack(out)
