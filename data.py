@@ -536,7 +536,12 @@ def list_class_folder(folder):
 def skipped_note(*datasets, show=5):
     """The line to print at start about what these datasets' class folders hold besides images
     ("skipped 3 files that are not images: ..."), naming the first `show`; None when nothing was."""
-    skipped = sorted(path for d in datasets for path in getattr(d, "skipped_files", ()))
+    return skipped_line([path for d in datasets for path in getattr(d, "skipped_files", ())], show)
+
+
+def skipped_line(paths, show=5):
+    """skipped_note for a list of skipped paths."""
+    skipped = sorted(paths)
     if not skipped:
         return None
     kinds = "files and folders" if any(path.endswith(os.sep) for path in skipped) else "files"
@@ -799,10 +804,11 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
         problem = "is a file, not a folder" if os.path.exists(data) else "does not exist"
         raise DataError(f"data folder {data} {problem} (give the ImageNet root holding train/ "
                         f"and val/, or --data demo / --data synthetic)")
-    val = open_split(data, "val", val_tf, seed)
+    pack_index = read_pack_index(data) if is_pack(data) else None
+    val = open_split(data, "val", val_tf, seed, pack_index=pack_index)
     if not with_train:
         return None, val
-    train = open_split(data, "train", train_tf, seed, decode=decode)
+    train = open_split(data, "train", train_tf, seed, decode=decode, pack_index=pack_index)
     check_same_classes(data, train, val)
     return train, val
 
@@ -831,13 +837,11 @@ def is_pack(folder):
 
 
 def read_pack_index(pack, name=PACK_INDEX):
-    """The pack's index (or its packing's progress file), parsed once per process for each
-    version of the file (the train and val ShardFolders share it; a new pack is read anew).
-    Callers must not change it."""
+    """The pack's index (or, with `name`, its packing's progress file), checked to be one."""
     path = os.path.join(pack, name)
     try:
-        st = os.stat(path)
-        index = _parse_json(path, st.st_ino, st.st_mtime_ns, st.st_size)
+        with open(path) as f:
+            index = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read the pack index {path} ({e}): pack again with python data.py pack DATA {pack}") from None
     if not isinstance(index, dict) or index.get("format") != PACK_FORMAT:
@@ -845,21 +849,16 @@ def read_pack_index(pack, name=PACK_INDEX):
     return index
 
 
-@functools.lru_cache(maxsize=4)
-def _parse_json(path, *version):
-    with open(path) as f:
-        return json.load(f)
-
-
 class ShardFolder(ImageFolder):
     """One split of a pack: the samples (relative names), labels, classes and skipped files of the
     ImageFolder it was packed from, in its order. Sample i's bytes are one os.pread from its shard,
-    each shard opened once per process (at most MAX_OPEN_SHARDS open at a time). `root` is PACK/<split>, as DATA/<split> is a folder's."""
+    each shard opened once per process (at most MAX_OPEN_SHARDS open at a time). `root` is
+    PACK/<split>, as DATA/<split> is a folder's. `index`: the pack's read_pack_index, when read."""
 
-    def __init__(self, pack, split, transform, seed=0, decode="cpu"):
+    def __init__(self, pack, split, transform, seed=0, decode="cpu", index=None):
         self.root, self.transform, self.seed, self.decode = os.path.join(pack, split), transform, seed, decode
         self.read_retries = multiprocessing.Value("q", 0)
-        index = read_pack_index(pack)
+        index = index or read_pack_index(pack)
         if split not in index["splits"]:
             raise DataError(f"the pack {pack} has no {split} set ({index['source']} had no {split}/ when it was "
                             f"packed): pack a DATA that has {split}/")
@@ -867,7 +866,7 @@ class ShardFolder(ImageFolder):
         self.classes, self.skipped_files = entry["classes"], entry["skipped_files"]
         self.shards = [os.path.join(pack, name) for name in entry["shards"]]
         for path, expected in zip(self.shards, entry["shard_bytes"]):
-            size = os.path.getsize(path) if os.path.isfile(path) else None
+            size = file_size(path)
             if size != expected:
                 found = "is missing" if size is None else f"is {size:,} bytes, the index says {expected:,}"
                 raise DataError(f"shard {path} {found}: copy the pack again, or pack again into {pack}")
@@ -884,33 +883,45 @@ class ShardFolder(ImageFolder):
         while self.files:
             os.close(self.files.popitem()[1])
 
-    def read(self, index):
-        shard, offset, size = int(self.shard_of[index]), int(self.offsets[index]), int(self.sizes[index])
-        name = f"{self.samples[index][0]} in {self.shards[shard]}"
-
+    def read_span(self, shard, offset, size, what):
+        """`size` bytes at `offset` of shard number `shard` (holding `what`, for messages): one
+        os.pread, retried as read_retrying does, the shard opened again for each retry (a stale
+        handle: ESTALE)."""
         def read():
             try:
                 if shard not in self.files:
                     if len(self.files) >= MAX_OPEN_SHARDS:  # small shards: stay far below the fd limit
                         os.close(self.files.pop(next(iter(self.files))))
                     self.files[shard] = os.open(self.shards[shard], os.O_RDONLY)
-                encoded = os.pread(self.files[shard], size, offset)
-            except OSError:  # the next try opens the shard again (a stale handle: ESTALE)
+                content = os.pread(self.files[shard], size, offset)
+            except OSError:
                 with contextlib.suppress(KeyError, OSError):
                     os.close(self.files.pop(shard))
                 raise
-            if len(encoded) != size:
-                raise DataError(f"shard {self.shards[shard]} ends inside image {self.samples[index][0]}: "
-                                f"copy the pack again")
-            return encoded
-        return read_retrying(read, f"image {name}", "check the file system", self.read_retries), name
+            if len(content) != size:
+                raise DataError(f"shard {self.shards[shard]} ends inside {what}: copy the pack again")
+            return content
+        return read_retrying(read, f"{what} in {self.shards[shard]}", "check the file system", self.read_retries)
+
+    def read(self, index):
+        shard, name = int(self.shard_of[index]), self.samples[index][0]
+        encoded = self.read_span(shard, int(self.offsets[index]), int(self.sizes[index]), f"image {name}")
+        return encoded, f"{name} in {self.shards[shard]}"
 
 
-def open_split(data, split, transform, seed=0, decode="cpu"):
-    """DATA/<split>: a ShardFolder when DATA is a pack, else an ImageFolder."""
-    if is_pack(data):
-        return ShardFolder(data, split, transform, seed, decode)
+def open_split(data, split, transform, seed=0, decode="cpu", pack_index=None):
+    """DATA/<split>: a ShardFolder when DATA is a pack (its `pack_index`), else an ImageFolder."""
+    if pack_index is not None:
+        return ShardFolder(data, split, transform, seed, decode, pack_index)
     return ImageFolder(os.path.join(data, split), transform, seed, decode)
+
+
+def file_size(path):
+    """The size of file `path`; None when there is none."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
 
 def check_same_classes(data, train, val):
@@ -956,11 +967,12 @@ def plan_split(folder, shard_size):
     """Where each sample of `folder` (an ImageFolder) goes: shard, data offset; and each shard's
     size as a tar file."""
     names = [os.path.relpath(path, folder.root) for path, _ in folder.samples]
-    stats = [os.stat(path) for path, _ in folder.samples]
+    with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:  # a network file system's latency
+        stats = list(pool.map(os.stat, [path for path, _ in folder.samples]))
     shard_of, offsets, shard_bytes, pos = [], [], [], 0
     for (_, label), st in zip(folder.samples, stats):
         need = tar_member_bytes(st.st_size) + tar_member_bytes(len(str(label)))
-        if pos and pos + need + 2 * TAR_BLOCK > shard_size:
+        if pos and tar_file_bytes(pos + need) > shard_size:
             shard_bytes.append(tar_file_bytes(pos))
             pos = 0
         shard_of.append(len(shard_bytes))
@@ -1042,23 +1054,22 @@ def check_pack_output(out, identity, plans):
     if others:
         raise DataError(f"{out} holds files that are not this pack's ({', '.join(others[:3])}): "
                         f"give a new or empty folder to pack into")
-    for name in stale:
-        os.remove(os.path.join(out, name))
+    if held:
+        utils.remove_stale_temporaries(out)  # all of them ours, as just checked
     return PACK_INDEX in held
 
 
 def pack(data, out, shard_size=10 ** 9):
     """Pack DATA's train and val (those it has) into OUT, resuming an unfinished packing of the same
-    files. Returns ({split: (images, shards)}, whether OUT held the whole pack already). The layout:
+    files. Returns ({split: (images, shards, skipped files)}, whether OUT held the whole pack already). The layout:
     OUT/<split>-000000.tar, ... (the shards), OUT/<split>.npy (each sample's shard, offset, size and
     label), OUT/index.json (classes, shard names and sizes, each sample's relative name)."""
     from tqdm import tqdm
     plans, identity = pack_plan(data, shard_size)
-    counts = {split: (len(p["names"]), len(p["shard_bytes"])) for split, p in plans.items()}
+    counts = {split: (len(p["names"]), len(p["shard_bytes"]), p["skipped_files"]) for split, p in plans.items()}
     whole = {os.path.join(out, name): size for split, plan in plans.items()
              for name, size in zip(shard_names(split, plan), plan["shard_bytes"])}
-    if check_pack_output(out, identity, plans) and all(
-            os.path.isfile(path) and os.path.getsize(path) == size for path, size in whole.items()):
+    if check_pack_output(out, identity, plans) and all(file_size(path) == size for path, size in whole.items()):
         return counts, True  # else a shard went missing or was cut: written again below
     os.makedirs(out, exist_ok=True)
     head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size, "identity": identity}
@@ -1071,7 +1082,7 @@ def pack(data, out, shard_size=10 ** 9):
             members[n].append(i)
         for name, expected, chunk in tqdm(list(zip(shards, plan["shard_bytes"], members)), desc=f"packing {split}", unit="shard"):
             path = os.path.join(out, name)
-            if not (os.path.isfile(path) and os.path.getsize(path) == expected):
+            if file_size(path) != expected:
                 write_shard(path, plan, chunk)
         table = np.zeros(len(plan["names"]), [("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i4")])
         table["shard"], table["offset"], table["size"], table["label"] = (
@@ -1468,22 +1479,30 @@ def _inspect(path, encoded=None, shown=None):
     return shown or path, None, "; ".join(odd) or None
 
 
-_CHECKED_SHARDS = {}  # shard -> descriptor, in each process of `data.py check` on a pack
+_CHECKED = {}  # split -> ShardFolder, in each process of `data.py check` on a pack
+
+
+def _open_pack(pack):
+    """Pool initializer of `data.py check` on a pack: the process's own ShardFolders."""
+    index = read_pack_index(pack)
+    _CHECKED.update({split: ShardFolder(pack, split, None, index=index) for split in index["splits"]})
 
 
 def _inspect_packed(job):
-    """_inspect for sample `index` of a pack, read with its tar headers and label in one os.pread; a
-    header that does not name this sample's file, size and label is a finding too."""
-    index, name, label, shard, offset, size = job
-    if shard not in _CHECKED_SHARDS:
-        _CHECKED_SHARDS[shard] = os.open(shard, os.O_RDONLY)
+    """_inspect for sample `index` of split `split`, read with its tar headers and label in one
+    positioned read; a header that does not name this sample's file, size and label is a finding."""
+    split, index = job
+    folder = _CHECKED[split]
+    (name, label), shard = folder.samples[index], int(folder.shard_of[index])
+    offset, size, shown = int(folder.offsets[index]), int(folder.sizes[index]), f"{name} in {folder.shards[shard]}"
     span = tar_member_bytes(size) - TAR_BLOCK
-    block = os.pread(_CHECKED_SHARDS[shard], span + 3 * TAR_BLOCK, offset - TAR_BLOCK)
-    shown = f"{name} in {shard}"
     try:
+        block = folder.read_span(shard, offset - TAR_BLOCK, span + 3 * TAR_BLOCK, f"sample {name}")
         header = tarfile.TarInfo.frombuf(block[:TAR_BLOCK], "utf-8", "surrogateescape")
         cls = tarfile.TarInfo.frombuf(block[TAR_BLOCK + span:2 * TAR_BLOCK + span], "utf-8", "surrogateescape")
         cls_text = block[2 * TAR_BLOCK + span:2 * TAR_BLOCK + span + cls.size]
+    except DataError as e:
+        return shown, str(e), None
     except tarfile.HeaderError as e:
         return shown, f"no tar header where the index says ({e}): pack again", None
     if (header.name, header.size, cls.name, cls_text) != (member_name(index, name), size,
@@ -1493,24 +1512,17 @@ def _inspect_packed(job):
     return _inspect(name, block[TAR_BLOCK:TAR_BLOCK + size], shown)
 
 
-def packed_jobs(pack):
-    """_inspect_packed's jobs for every sample of a pack, and the files skipped when it was packed."""
-    index, jobs, skipped = read_pack_index(pack), [], []
-    for split in index["splits"]:
-        folder = ShardFolder(pack, split, None)
-        jobs += [(i, name, label, folder.shards[folder.shard_of[i]], int(folder.offsets[i]), int(folder.sizes[i]))
-                 for i, (name, label) in enumerate(folder.samples)]
-        skipped += folder.skipped_files
-    return jobs, skipped
-
-
 def check(root, workers):
     """Decode every image file under `root` (or every sample of the pack `root`); 1 if any is bad."""
     from multiprocessing import Pool
 
     from tqdm import tqdm
+    start = None
     if is_pack(root):
-        (jobs, skipped), inspect = packed_jobs(root), _inspect_packed
+        _open_pack(root)  # checks every shard's size here, before the pool starts
+        jobs = [(split, i) for split, folder in _CHECKED.items() for i in range(len(folder))]
+        skipped = [path for folder in _CHECKED.values() for path in folder.skipped_files]
+        inspect, start = _inspect_packed, (_open_pack, (root,))
     else:
         files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names)
         jobs, inspect = [p for p in files if is_image_name(os.path.basename(p))], _inspect
@@ -1518,7 +1530,7 @@ def check(root, workers):
     if not jobs:
         raise DataError(f"no image files under {root} ({', '.join(IMG_EXTENSIONS)})")
     bad, odd = [], []
-    with Pool(workers) as pool:
+    with Pool(workers, *(start or ())) as pool:
         for path, problem, oddity in tqdm(pool.imap_unordered(inspect, jobs, chunksize=64),
                                           total=len(jobs), desc="decoding", unit="img"):
             if problem:
@@ -1682,10 +1694,10 @@ def pack_command(data, out, shard_size):
         print(f"error: packing stopped; the same command continues it (finished shards in {out} are kept)",
               file=sys.stderr)
         return 130
-    done = ", ".join(f"{images} {split} images in {shards} shards" for split, (images, shards) in counts.items())
+    done = ", ".join(f"{images} {split} images in {shards} shards" for split, (images, shards, _) in counts.items())
     print(f"{out} already holds this pack: {done}" if already else f"packed {done} into {out}; train and evaluate "
           f"with --data {out}")
-    note = skipped_note(*(ShardFolder(out, split, None) for split in counts))
+    note = skipped_line([path for _, _, skipped in counts.values() for path in skipped])
     if note and not already:
         print(note)
     return 0
@@ -1709,7 +1721,7 @@ def main(argv=None):
     p.add_argument("data", help="the ImageNet root (DATA/train/<class>/*, DATA/val/<class>/*)")
     p.add_argument("out", help="a new or empty folder, or one that holds this packing unfinished")
     p.add_argument("--shard-size", type=parse_size, default=10 ** 9, metavar="SIZE",
-                   help="most bytes a shard holds, e.g. 1GB (the default), 500MB, 256MiB")
+                   help="most bytes a shard holds (but one sample at least), e.g. 1GB (the default), 500MB, 256MiB")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":

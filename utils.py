@@ -49,8 +49,8 @@ class Dist:
 def init_distributed(timeout=datetime.timedelta(minutes=30)):
     """torchrun's environment, or SLURM's in a task that srun started (slurm_launch) -> Dist. Plain
     `python train.py` is world size 1, no process group. NCCL on CUDA, gloo on CPU; one GPU per
-    process: LOCAL_RANK modulo the visible GPUs, so that srun's --gpus-per-task=1 (one visible each)
-    and all of a node's GPUs visible both work. Set-up and every collective give up after `timeout`
+    process: LOCAL_RANK (under srun modulo the visible GPUs, so that --gpus-per-task=1, one visible
+    each, and all of a node's GPUs visible both work). Set-up and every collective give up after `timeout`
     (RuntimeError) instead of waiting for a stopped or vanished process."""
     launch = slurm_launch(os.environ)
     os.environ.update(launch)  # as torchrun would: data.default_workers and env:// read these names
@@ -60,7 +60,8 @@ def init_distributed(timeout=datetime.timedelta(minutes=30)):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        # srun's --gpus-per-task=1 shows each task one GPU; torchrun's processes see them all
+        device = torch.device("cuda", local_rank % torch.cuda.device_count() if launch else local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

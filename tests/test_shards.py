@@ -33,7 +33,7 @@ def packed(tmp_path, capsys):
     out = str(tmp_path / "pack")
     assert data.main(["pack", root, out, "--shard-size", "16kB"]) == 0
     printed = capsys.readouterr().out
-    assert f"packed 12 train images in 3 shards, 9 val images in 2 shards into {out}" in printed
+    assert f"packed 12 train images in 5 shards, 9 val images in 4 shards into {out}" in printed
     assert f"skipped 1 files that are not images: {root}/train/a/notes.txt" in printed
     return root, out
 
@@ -49,6 +49,7 @@ def test_pack_round_trips_every_samples_bytes_and_label(packed):
     for split in ("train", "val"):
         folder, shards = data.ImageFolder(os.path.join(root, split), None), data.ShardFolder(out, split, None)
         assert shards.classes == folder.classes and len(shards.shards) > 1  # 16 kB: several shards
+        assert all(os.path.getsize(shard) <= 16_000 for shard in shards.shards)  # --shard-size is the most
         assert [name for name, _ in shards.samples] == [os.path.relpath(p, folder.root) for p, _ in folder.samples]
         assert shards.skipped_files == folder.skipped_files
         in_tars = {}
@@ -159,7 +160,7 @@ def test_a_process_keeps_at_most_max_open_shards_open(packed, monkeypatch):
     root, out = packed
     monkeypatch.setattr(data, "MAX_OPEN_SHARDS", 2)
     shards, folder = data.ShardFolder(out, "train", None), data.ImageFolder(os.path.join(root, "train"), None)
-    assert len(shards.shards) == 3
+    assert len(shards.shards) == 5
     for i in [*range(len(shards)), *reversed(range(len(shards)))]:
         assert shards.read(i)[0] == open(folder.samples[i][0], "rb").read()
         assert len(shards.files) <= 2
@@ -232,14 +233,14 @@ def test_a_full_disk_while_packing_keeps_the_finished_shards_and_says_so(tmp_pat
 
     def fills_the_disk(tar, name, content):
         calls.append(name)
-        if len(calls) == 7:  # inside the second shard
+        if len(calls) == 7:  # sample 3's image: 8 kB shards (below tar's 10 kB record) hold one sample each
             raise OSError(errno.ENOSPC, "No space left on device")
         add_member(tar, name, content)
     monkeypatch.setattr(data, "add_member", fills_the_disk)
     assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 5
     err = capsys.readouterr().err
-    assert f"error: no space left in {os.path.abspath(out)} for train-000001.tar" in err and \
+    assert f"error: no space left in {os.path.abspath(out)} for train-000003.tar" in err and \
         "run the same command to continue" in err
-    assert sorted(os.listdir(out)) == [data.PACK_PROGRESS, "train-000000.tar"]  # no temporary left
+    assert sorted(os.listdir(out)) == [data.PACK_PROGRESS] + [f"train-00000{n}.tar" for n in range(3)]  # no temporary
     monkeypatch.setattr(data, "add_member", add_member)
     assert data.main(["pack", root, out, "--shard-size", "8kB"]) == 0 and data.is_pack(out)
