@@ -388,6 +388,8 @@ def take_run_settings(args, env, given, checkpoint):
         given = given - {"weights"}
     changed = []
     for name in RUN_SETTINGS:
+        if name not in stored:
+            continue  # a setting newer than the run: its default is what the run did (recipes.resolve)
         if name in given:
             if getattr(args, name) != stored[name]:
                 changed.append(f"{flag(name)} {stored[name]} -> {getattr(args, name)}")

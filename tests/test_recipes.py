@@ -187,6 +187,15 @@ def test_autoaugment_flag_is_an_alias_and_old_checkpoints_keep_theirs(tiny_data,
     old = train.parse_args(["--image-size", "224"])  # a checkpoint from before --augment: its autoaugment stays on
     recipes.resolve(old, set(), {"args": {"autoaugment": True, "image_size": 224}})
     assert old.augment == "autoaugment"
+    # The whole resolution of a resume, from a checkpoint written before --recipe and --augment existed.
+    stored = vars(train.resolve_args(train.parse_args(["--data", tiny_data, "--output-dir", str(tmp_path / "b")]),
+                                     given={"data", "output_dir"}))
+    stored = {k: v for k, v in stored.items() if k not in ("recipe", "augment", "random_erase", "cutmix")}
+    stored["autoaugment"] = True
+    resumed = train.resolve_args(train.parse_args(["--resume", str(tmp_path / "b" / "last.pt")]), given={"resume"},
+                                 checkpoint={"args": stored, "ema": None, "ranks": [{}]})
+    assert (resumed.recipe, resumed.augment, resumed.random_erase, resumed.cutmix) == ("seed", "autoaugment", 0.0, 0.0)
+    assert resumed.data == tiny_data and resumed.image_size == stored["image_size"]
 
 
 # -------------------------------------------------------------------- repeated aug and resizing
