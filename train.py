@@ -710,8 +710,9 @@ def exit_code(error, env, args):
         say_error(env, str(error))
         return error.code
     if isinstance(error, utils.DiskFull):
-        say_error(env, f"error: {error}. Free space there (or move the folder and pass it as --output-dir), then "
-                       f"rerun with --resume auto")
+        again = "then run the same command again" if inference_only(args) or args.average else \
+            "(or move the folder and pass it as --output-dir), then rerun with --resume auto"
+        say_error(env, f"error: {error}. Free space there, {again}")
         return EXIT_DISK_FULL
     if isinstance(error, RuntimeError) and env.world_size > 1 and utils.is_peer_failure(error):
         # Every rank that gets here says so: the one still running may not be rank 0.
@@ -1459,10 +1460,7 @@ def average_command(args, env):
     state, lines = average_checkpoints(paths)
     for line in lines:
         log(env, line)
-    try:
-        utils.save_atomic(state, args.output)
-    except utils.DiskFull as e:
-        raise UsageError(str(e)) from None
+    utils.save_atomic(state, args.output)  # a full disk: exit_code's one line, exit 5
     log(env, f"wrote {args.output}: --evaluate --resume {args.output} evaluates it (also --predict, --export), "
              f"--weights {args.output} fine-tunes from it; training cannot --resume it (no optimizer state)")
     return 0
@@ -1629,8 +1627,9 @@ def check_exported(run_file, samples, expected, path):
             got = run_file(x)
         error = ((got - want).abs().max() / want.abs().max().clamp(min=1)).item()
         if not error <= EXPORT_TOLERANCE:
-            raise RuntimeError(f"the exported model ({path}) differs from eager by {error:.3g} (relative) on a "
-                               f"{'x'.join(map(str, x.shape))} input, more than {EXPORT_TOLERANCE}; not written")
+            raise UsageError(f"the exported model ({path}) differs from eager by {error:.3g} (relative) on a "
+                             f"{'x'.join(map(str, x.shape))} input, more than {EXPORT_TOLERANCE}; not written: "
+                             f"export the other format (.pt2 or .onnx)")
 
 
 if __name__ == "__main__":

@@ -269,6 +269,24 @@ def test_average_refuses_checkpoints_of_another_model(run_dir, tmp_path, capsys)
     assert not (tmp_path / "avg.pt").exists()
 
 
+def test_average_onto_a_full_disk_says_so_in_one_line_exit_5(run_dir, tmp_path, monkeypatch, capsys):
+    def full(state, path):
+        raise train.utils.DiskFull(f"no space left in {tmp_path} for avg.pt: it needs about 81 MB, 2 MB are free")
+    monkeypatch.setattr(train.utils, "save_atomic", full)
+    assert main(["--average", run_dir / "last.pt", run_dir / "best.pt", "--output", tmp_path / "avg.pt"]) == 5
+    err = capsys.readouterr().err
+    assert err == (f"error: no space left in {tmp_path} for avg.pt: it needs about 81 MB, 2 MB are free. Free space "
+                   f"there, then run the same command again\n")
+
+
+def test_an_export_that_differs_from_eager_is_refused_in_one_line():
+    x = torch.ones(2, 3)
+    train.check_exported(lambda batch: batch + 1e-4, [x], [x], "m.pt2")  # within the tolerance
+    with pytest.raises(train.UsageError, match=r"the exported model \(m.pt2\) differs from eager by 0.01 .* on a "
+                                               r"2x3 input, more than 0.001; not written: export the other format"):
+        train.check_exported(lambda batch: batch + 0.01, [x], [x], "m.pt2")
+
+
 # --------------------------------------------------------------------------------- --export
 
 @pytest.fixture(scope="module")
