@@ -887,7 +887,8 @@ def loader(r, dataset, sampler, train):
     return data.DeviceLoader(batches, r.env.device, r.args.channels_last, r.args.mean, r.args.std)
 
 
-def build_model(r, checkpoint):
+def build_model(r, checkpoint, weights=None):
+    """The model, from the checkpoint, else from --weights (`weights`: that file, when read already)."""
     args, env = r.args, r.env
     utils.seed_everything(args.seed + env.rank)
     model = create_model(args.arch, args.num_classes, dropout=args.dropout, drop_path_rate=args.drop_path,
@@ -895,7 +896,7 @@ def build_model(r, checkpoint):
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     elif args.weights:
-        load_weights(model, args, env)
+        load_weights(model, args, env, weights or read_weights(args.weights))
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(env.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     r.model = model
@@ -932,9 +933,12 @@ def build_training(r):
     r.read_retries_seen = data.read_retries(r.train_set, r.val_set)
 
 
-def load_weights(model, args, env):
-    weights = utils.load_checkpoint(args.weights, what="--weights file",
-                                    advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
+def read_weights(path):
+    return utils.load_checkpoint(path, what="--weights file",
+                                 advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
+
+
+def load_weights(model, args, env, weights):
     try:
         if inference_only(args):  # every tensor, the classifier's too
             model.load_state_dict(convert_state_dict(weights, model))
@@ -1341,14 +1345,12 @@ def imagenet_class_names():
     return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def class_names(args, checkpoint):
+def class_names(args, checkpoint, weights):
     """The model's class names in label order: the run's class folders (a checkpoint's "classes",
-    also when --weights names a checkpoint), else ImageNet's for 1000 classes, else the label
-    indices. With --weights and no --num-classes, args.num_classes becomes the file's."""
+    also when --weights names a checkpoint: `weights`, read), else ImageNet's for 1000 classes, else
+    the label indices. With --weights and no --num-classes, args.num_classes becomes the file's."""
     names = checkpoint.get("classes") if checkpoint is not None else None
     if checkpoint is None:
-        weights = utils.load_checkpoint(args.weights, what="--weights file",
-                                        advice="give a state dict saved by torch.save (this repo's, torchvision's or timm's)")
         names = weights.get("classes") if isinstance(weights.get("model"), dict) else None
         if args.num_classes is None:
             try:
@@ -1363,9 +1365,10 @@ def class_names(args, checkpoint):
 
 def inference_model(args, env, checkpoint):
     """(Run with the model of --resume or --weights on the device, class names) for --predict and --export."""
-    names = class_names(args, checkpoint)
+    weights = read_weights(args.weights) if checkpoint is None else None  # read once, for both
+    names = class_names(args, checkpoint, weights)
     r = Run(args, env, resolve_amp(args.amp, env.device))
-    build_model(r, checkpoint)
+    build_model(r, checkpoint, weights)
     r.model.eval()
     return r, names
 
