@@ -1379,7 +1379,8 @@ def predict_command(args, env, checkpoint):
     reason in the `error` column and the others are predicted."""
     one_process(env, "--predict")
     files = data.list_images(args.predict)
-    r, names = inference_model(args, env, checkpoint)
+    with notes_beside_predictions(args):  # e.g. load_weights' warning about tf_ weights
+        r, names = inference_model(args, env, checkpoint)
     notes = sys.stdout if args.output else sys.stderr  # stdout carries the predictions alone
     k = min(args.top_k, args.num_classes)
     if k < args.top_k:

@@ -189,6 +189,11 @@ def test_predict_names_imagenet_classes_for_1000_class_weights(tmp_path, capsys)
     rows = read_csv(capsys.readouterr().out)
     expected = eager_logits(small, paths).topk(3, 1).indices
     assert [[row[f"class_{i}"] for i in (1, 2, 3)] for row in rows] == [[str(c) for c in top] for top in expected.tolist()]
+    # A note while the model loads (here: the name looks like Google's TF weights) goes to stderr.
+    torch.save(small.state_dict(), tmp_path / "tf_five.pth")
+    assert main([*flags, "--weights", tmp_path / "tf_five.pth"]) == 0
+    printed = capsys.readouterr()
+    assert read_csv(printed.out) == rows and printed.out.startswith("path,") and "warning:" in printed.err
 
 
 def test_predict_reports_an_undecodable_file_and_predicts_the_others(varied, tmp_path):
