@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check on one H200, under 8 minutes (the machine's start not counted), in three Python
+# The GPU check on one H200, bounded at 8 minutes by its limits (the machine's start not counted), in three Python
 # processes that start CUDA (~30 s each):
 #   1. the CUDA test cases in one pytest process, at most TESTS_LIMIT s (TEST_LIMIT s a case; each
 #      result, a failure's short traceback included, printed as it comes: pytest_stream.py), while
