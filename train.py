@@ -710,9 +710,9 @@ def exit_code(error, env, args):
         say_error(env, str(error))
         return error.code
     if isinstance(error, utils.DiskFull):
-        again = "then run the same command again" if inference_only(args) or args.average else \
-            "(or move the folder and pass it as --output-dir), then rerun with --resume auto"
-        say_error(env, f"error: {error}. Free space there, {again}")
+        again = ", then run the same command again" if inference_only(args) or args.average else \
+            " (or move the folder and pass it as --output-dir), then rerun with --resume auto"
+        say_error(env, f"error: {error}. Free space there{again}")
         return EXIT_DISK_FULL
     if isinstance(error, RuntimeError) and env.world_size > 1 and utils.is_peer_failure(error):
         # Every rank that gets here says so: the one still running may not be rank 0.
