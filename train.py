@@ -284,6 +284,7 @@ def read_checkpoint(args, env):
         log(env, f"warning: skipping {problem}")
     if path:
         log(env, f"resuming from {path}")
+        checkpoint["loaded_from"] = path  # for messages; never saved (save() builds its own state)
     return checkpoint
 
 
@@ -1292,9 +1293,9 @@ def check_after_training_flags(args, checkpoint):
     if args.eval_flip and not (args.evaluate or args.predict):
         raise UsageError("--eval-flip is for --evaluate and --predict (training's evaluation stays plain)")
     if checkpoint is not None and "averaged_from" in checkpoint and not inference_only(args):
-        raise UsageError(f"{args.resume} averages {len(checkpoint['averaged_from'])} checkpoints and has no "
+        raise UsageError(f"{checkpoint.get('loaded_from', args.resume)} averages {len(checkpoint['averaged_from'])} checkpoints and has no "
                          f"optimizer state to continue from: evaluate it (--evaluate --resume), or fine-tune "
-                         f"from it with --weights {args.resume} (a new run)")
+                         f"from it with --weights {checkpoint.get('loaded_from', args.resume)} (a new run)")
 
 
 def one_process(env, what):
@@ -1461,6 +1462,7 @@ def average_command(args, env):
     if not args.output:
         raise UsageError("--average needs --output FILE: where the averaged checkpoint goes")
     paths = averaged_paths(args.average)
+    utils.refuse_overwriting(args.output, paths, "--output")
     state, lines = average_checkpoints(paths)
     for line in lines:
         log(env, line)
@@ -1482,6 +1484,11 @@ def averaged_paths(names):
             paths += kept
         else:
             paths.append(name)
+    unique = []  # a file named twice (a folder and one of its files, a link) counts once
+    for path in paths:
+        if not any(utils.same_file(path, seen) for seen in unique):
+            unique.append(path)
+    paths = unique
     if len(paths) < 2:
         raise UsageError(f"--average needs two or more checkpoints, got {', '.join(paths)}")
     return paths

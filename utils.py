@@ -463,6 +463,32 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
     return None, None, skipped
 
 
+RUN_FILES = re.compile(r"last\.pt|best\.pt|best-epoch\d+\.pt|args\.json|metrics\.jsonl")
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file (links and other spellings included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def refuse_overwriting(output, inputs, flag_name):
+    """UsageError when writing `output` would destroy one of `inputs` or a file that a run folder
+    needs (a run folder holds last.pt or args.json), naming a place that works."""
+    folder, name = os.path.split(os.path.abspath(output))
+    elsewhere = os.path.join(folder, "averaged.pt" if name.endswith(".pt") else "out-" + name)
+    for path in inputs:
+        if same_file(output, path):
+            raise UsageError(f"{flag_name} {output} is one of the inputs, which it would overwrite; "
+                             f"write elsewhere, e.g. {flag_name} {elsewhere}")
+    is_run = any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "args.json"))
+    if is_run and RUN_FILES.fullmatch(name):
+        raise UsageError(f"{flag_name} {output} is a file of the run in {folder}, which needs it to resume; "
+                         f"write elsewhere, e.g. {flag_name} {elsewhere}")
+
+
 def write_text(path, text):
     """Rewrite `path` with `text`, atomically."""
     with _replacing(path, len(text.encode())) as tmp, open(tmp, "w") as f:

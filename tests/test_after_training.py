@@ -274,6 +274,27 @@ def test_average_refuses_checkpoints_of_another_model(run_dir, tmp_path, capsys)
     assert not (tmp_path / "avg.pt").exists()
 
 
+def test_average_never_writes_over_a_file_the_run_needs(run_dir, tmp_path, capsys):
+    """The data-loss case: --output naming the run's own last.pt (or any input, by any spelling)
+    is refused before any work, the run folder byte-identical afterwards, and the run resumes."""
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    (tmp_path / "link.pt").symlink_to(run_dir / "best.pt")
+    for inputs, output in [([run_dir], run_dir / "last.pt"), ([run_dir], run_dir / "best.pt"),
+                           ([run_dir / "last.pt", run_dir / "best.pt"], tmp_path / "link.pt"),
+                           ([run_dir], run_dir / "metrics.jsonl")]:
+        assert main(["--average", *inputs, "--output", output]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output {output} is ") and err.count("\n") == 1 and "write elsewhere" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    # A folder and one of its own files, or a link to one (best.pt is a hard link of the best
+    # epoch's checkpoint), count once: the folder's two checkpoints, not four inputs.
+    kept = sorted(run_dir.glob("best-epoch*.pt"))
+    assert main(["--average", run_dir, kept[0], tmp_path / "link.pt", "--output", tmp_path / "avg.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "averaged 2 checkpoints" in out and "2/2" in out and "/3" not in out and "/4" not in out
+    assert main(["--evaluate", "--resume", run_dir / "last.pt", "--workers", 0]) == 0
+
+
 def test_average_onto_a_full_disk_says_so_in_one_line_exit_5(run_dir, tmp_path, monkeypatch, capsys):
     def full(state, path):
         raise train.utils.DiskFull(f"no space left in {tmp_path} for avg.pt: it needs about 81 MB, 2 MB are free")
