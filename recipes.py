@@ -126,20 +126,7 @@ def resolve(args, given, checkpoint):
 
 
 def check(args):
-    """The ranges of this module's settings and what they cannot go with (UsageError)."""
-    ranges = (("randaugment_magnitude", 0 <= args.randaugment_magnitude <= 10, "in [0, 10] (timm's scale)"),
-              ("magnitude_std", args.magnitude_std >= 0, "non-negative"),
-              ("random_erase", 0 <= args.random_erase <= 1, "in [0, 1]"),
-              ("cutmix", args.cutmix >= 0, "non-negative"),
-              ("repeated_aug", args.repeated_aug >= 1, "at least 1"),
-              ("decay_epochs", args.decay_epochs > 0, "positive"),
-              ("decay_rate", 0 < args.decay_rate <= 1, "in (0, 1]"),
-              ("warmup_lr", args.warmup_lr >= 0, "non-negative"),
-              ("train_size", args.train_size > 0, "positive"),
-              ("progressive_epochs", args.progressive_epochs > 0, "positive"))
-    for name, ok, what in ranges:
-        if not ok:
-            raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    """What this module's settings cannot go with (their ranges are flags.RANGES)."""
     if args.progressive_resize and not 32 <= args.progressive_resize <= args.train_size:
         raise UsageError(f"--progressive-resize {args.progressive_resize} must lie between 32 and the train size "
                          f"{args.train_size} (--train-size, default --image-size)")

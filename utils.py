@@ -1,5 +1,5 @@
 """Small pieces train.py builds on: torchrun (or srun) set-up, checkpoint files, RNG state, signals,
-EMA, TensorFlow's RMSprop."""
+EMA."""
 import contextlib
 import copy
 import datetime
@@ -551,8 +551,12 @@ class StopSignal:
     def __init__(self, env):
         self.env, self.name = env, None
         self._pending = None  # (work, flag tensor) of the all_reduce in flight
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._record)
+        self._before = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+
+    def close(self):
+        """Give the signals back to the handlers they had (a notebook or test that ran main())."""
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def _record(self, signum, frame):
         if signum == signal.SIGINT and self.name == "SIGINT":
@@ -638,56 +642,6 @@ class EMA:
 
     def load_state_dict(self, state):
         self.module.load_state_dict(state)
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorFlow's RMSprop (--opt rmsproptf)
-
-class RMSpropTF(torch.optim.Optimizer):
-    """RMSprop as TensorFlow computes it (tf.compat.v1.train.RMSPropOptimizer, Google's EfficientNet
-    optimizer), per parameter p with gradient g:
-
-        g  = g + weight_decay * p                 (L2, as TF's loss term weight_decay * l2_loss(p))
-        ms = ms + (1 - alpha) * (g**2 - ms)      (ms starts at 1, not 0 as torch's RMSprop)
-        mom = momentum * mom + lr * g / sqrt(ms + eps)     (eps inside the root; lr inside the buffer)
-        p  = p - mom
-
-    torch.optim.RMSprop puts eps outside the root, starts ms at 0 and applies lr after the
-    momentum, so the same hyperparameters take much larger first steps and respond to an lr change
-    at once rather than through the buffer. (timm's RMSpropTF computes the same; tested.)"""
-
-    def __init__(self, params, lr, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=0.0):
-        super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps, "momentum": momentum,
-                                  "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if not self.state[p]:
-                    self.state[p]["square_avg"] = torch.ones_like(p, memory_format=torch.preserve_format)
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            square_avgs = [self.state[p]["square_avg"] for p in params]
-            buffers = [self.state[p]["momentum_buffer"] for p in params]
-            change = torch._foreach_mul(grads, grads)  # TF's kernel: ms += (g**2 - ms) * (1 - alpha)
-            torch._foreach_sub_(change, square_avgs)
-            torch._foreach_add_(square_avgs, change, alpha=1.0 - group["alpha"])
-            root = torch._foreach_add(square_avgs, group["eps"])
-            torch._foreach_sqrt_(root)
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_addcdiv_(buffers, grads, root, value=group["lr"])
-            torch._foreach_sub_(params, buffers)
-        return loss
 
 
 # ---------------------------------------------------------------------------------------------
