@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import data
 import recipes
+import transforms
 import utils
 from efficientnet import SCALING, arch_config, canonical_arch, convert_state_dict, create_model, load_pretrained, member
 from utils import UsageError
@@ -140,7 +141,7 @@ def add_data_flags(g):
                    help="training images: cpu = loader workers decode (libjpeg-turbo for JPEGs, PIL for the rest), "
                         "crop and resize; gpu = workers only read the files and draw the crops, the GPU decodes each "
                         "batch in one nvJPEG call and crops, resizes and flips it (CUDA only; evaluation stays on the CPU)")
-    g.add_argument("--augment", choices=data.AUGMENTS, default="none",
+    g.add_argument("--augment", choices=transforms.AUGMENTS, default="none",
                    help="torchvision's AutoAugment (ImageNet policy), RandAugment (2 ops), TrivialAugmentWide or "
                         "AugMix, after crop and flip, in the loader workers")
     g.add_argument("--autoaugment", action="store_true", help="the same as --augment autoaugment")
@@ -690,9 +691,9 @@ def global_state_kept():
 def exit_code(error, env, args):
     """Say in one line on stderr what ended the run and return its exit code; errors that are not
     the input's, the machine's or a peer's propagate with their traceback."""
-    if isinstance(error, (UsageError, data.DataError)):
+    if isinstance(error, (UsageError, utils.DataError)):
         # A bad file met in a loader worker arrives wrapped in the worker's traceback: keep its last
-        # line, without the "data.DataError: " that the traceback puts in front.
+        # line, without the "utils.DataError: " that the traceback puts in front.
         message = str(error).strip().splitlines()[-1].removeprefix(f"{type(error).__module__}.{type(error).__name__}: ")
         print(f"error: {message}", file=sys.stderr)  # every rank: the one that met it may not be rank 0
         return EXIT_USAGE
@@ -1122,12 +1123,12 @@ def forward_backward(r, batches, meter):
 
 def augment_batch(r, images, labels, micro):
     """Random erasing, then mixup or cutmix, of a micro-batch on the device; each micro-batch draws
-    from its own seed, a function of (seed, step, rank, micro) (data.batch_seed)."""
+    from its own seed, a function of (seed, step, rank, micro) (transforms.batch_seed)."""
     args = r.args
     if not (args.random_erase or args.mixup or args.cutmix):
         return images, labels
-    seed = data.batch_seed(args.seed, r.step, r.env.rank, micro)
-    return data.augment_batch(images, labels, args.num_classes, seed, args.random_erase, args.mixup, args.cutmix)
+    seed = transforms.batch_seed(args.seed, r.step, r.env.rank, micro)
+    return transforms.augment_batch(images, labels, args.num_classes, seed, args.random_erase, args.mixup, args.cutmix)
 
 
 def report_interval(r, meter, bar, epoch, epoch_step, lr):
@@ -1408,7 +1409,7 @@ def predict_files(r, files, names, k, errors):
     order: batches of --batch-size decoded by --workers loader processes, the model on the device.
     `errors` gets {file index: why it could not be used} as the batches leave the loader."""
     args, env = r.args, r.env
-    dataset = data.ImageFiles(files, data.ValTransform(args.image_size, args.val_resize, args.val_interpolation))
+    dataset = data.ImageFiles(files, transforms.ValTransform(args.image_size, args.val_resize, args.val_interpolation))
     batches = data.build_loader(dataset, None, args.batch_size, args.workers, train=False,
                                 pin_memory=env.device.type == "cuda")
     loader = data.DeviceLoader(set_aside_errors(batches, errors), env.device, args.channels_last, args.mean, args.std)
