@@ -6,7 +6,6 @@ DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG (torchvision's ImageFolder
 """
 import atexit
 import ctypes
-import functools
 import json
 import math
 import multiprocessing
@@ -64,8 +63,7 @@ def is_image_name(name):
 
 
 def list_class_folder(folder):
-    """(image files, other entries) of a class folder, sorted: the others (non-images, broken links,
-    subfolders with a trailing separator: not searched) are what the data set leaves out."""
+    """(image files, other entries: what the data set leaves out, subfolders with a trailing /)."""
     images, others = [], []
     for entry in os.scandir(folder):
         if entry.is_file() and is_image_name(entry.name):
@@ -153,8 +151,8 @@ def read_class_names(path):
 
 
 def apply_class_map(dataset, class_map):
-    """Relabel an ImageFolder by `class_map` instead of its sorted folder names ("10" before "2"): a
-    file of folder names in label order, or "imagenet-index" (folder "7" is label 7)."""
+    """Relabel an ImageFolder by a file of folder names in label order, or "imagenet-index" (folder "7"
+    is label 7), instead of its sorted folder names ("10" before "2")."""
     if not isinstance(dataset, ImageFolder):
         raise DataError("--class-map relabels class folders; --data demo and synthetic have none")
     folders = dataset.classes
@@ -311,8 +309,7 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 def read_label_lines(path, expected):
-    """[(line number, text)] of the non-blank lines of a text file; DataError when it is not text or
-    holds none (the message ends with `expected`)."""
+    """[(line number, text)] of a text file's non-blank lines; none, or not text: DataError."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
@@ -413,8 +410,7 @@ class TrainSampler(torch.utils.data.Sampler):
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """Every world-th index from `rank`, no padding: the shards cover each index exactly once, so a
-    distributed evaluation counts every image once (shard lengths may differ by one)."""
+    """Every world-th index from `rank`, no padding: an evaluation counts every image once."""
 
     def __init__(self, size, rank=0, world_size=1):
         self.size, self.rank, self.world_size = size, rank, world_size
@@ -440,9 +436,8 @@ def _worker_init(worker_id):
 
 
 def _die_with_parent():
-    """Linux: SIGKILL this worker as soon as its process dies. Otherwise the workers of a killed
-    rank 0 live on for up to 5 s (PyTorch's watchdog interval), holding the run folder's lock that
-    they inherited, and a job restarted sooner (torchrun --max-restarts) finds the folder in use."""
+    """Linux: SIGKILL this worker when its process dies. Else a killed rank 0's workers live on for 5 s,
+    holding the run folder's lock, and a job restarted sooner (--max-restarts) finds it in use."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # no prctl (not Linux): the watchdog still ends them
@@ -479,11 +474,6 @@ def decode_mode(dataset):
     return getattr(dataset, "decode", "cpu")
 
 
-def collate(samples, decode="cpu"):
-    """The loaders' collate_fn: default_collate of (pixels, label), or gpu_decode's."""
-    return gpu_decode.collate(samples) if decode == "gpu" else torch.utils.data.default_collate(samples)
-
-
 def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False):
     if workers > 0:
         atexit.unregister(_kill_workers_at_exit)  # once, however many loaders
@@ -493,7 +483,7 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False)
         pin_memory=pin_memory, drop_last=train,  # equal, full batches on every rank in training
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_worker_init if workers > 0 else None,
-        collate_fn=functools.partial(collate, decode=decode_mode(dataset)),
+        collate_fn=gpu_decode.collate if decode_mode(dataset) == "gpu" else None,  # None: default_collate
         # Workers draw nothing from their seeds (see sample_rng); a private generator keeps the
         # loader from consuming the global torch RNG, whose state the checkpoints restore.
         generator=torch.Generator())
@@ -524,9 +514,7 @@ class DeviceLoader:
     def normalize(self, images):
         """uint8 (N, H, W, 3) on the device -> normalised float32 (N, 3, H, W)."""
         x = images.permute(0, 3, 1, 2).float()  # NHWC bytes are already channels_last memory
-        if not self.channels_last:
-            x = x.contiguous()
-        return self.standardize(x)
+        return self.standardize(x if self.channels_last else x.contiguous())
 
     def _to_device(self, batch):
         images, labels = batch
@@ -543,8 +531,7 @@ class DeviceLoader:
         return self._copy_ahead()
 
     def _hand_over(self, ready):
-        """Make the compute stream wait for the side stream's work on `ready` (not the host), and
-        tell the allocator that the compute stream uses its tensors from now on."""
+        """The compute stream waits for the side stream's work (the host does not), and owns `ready`."""
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self.stream)
         for t in ready:

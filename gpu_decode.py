@@ -1,8 +1,7 @@
 """--decode gpu, both halves: the workers read bytes and draw the crops, the device decodes and resizes whole batches.
 
-Workers: EncodedTrainTransform, collate -> EncodedBatch. Device: BatchDecoder (one nvJPEG call a
-batch), run by decode_ahead in a thread of DeviceLoader's, a batch ahead of the training step. The
-mode travels as a string: build_datasets(decode=) -> ImageFolder.decode -> collate, DeviceLoader.
+Workers: EncodedTrainTransform, collate -> EncodedBatch. Device: BatchDecoder, one nvJPEG call a batch,
+run by decode_ahead in a thread of DeviceLoader's, a batch ahead of the training step.
 """
 import collections
 import contextlib
@@ -18,9 +17,8 @@ from transforms import load_rgb, random_resized_crop_box, takes_jpeg_decoder, to
 
 
 class EncodedTrainTransform:
-    """The worker's half: the file's bytes, with the crop box and flip drawn exactly as TrainTransform
-    draws them (size from the header). Files nvJPEG cannot take (PNG, CMYK, rotated JPEGs) are
-    decoded here to full-size pixels; BatchDecoder crops and resizes both kinds alike."""
+    """The worker's half: the file's bytes, the crop box and flip drawn as TrainTransform draws them
+    (size from the header). What nvJPEG cannot take (PNG, CMYK, rotated) is decoded here, full size."""
 
     def __init__(self, size, min_scale=0.08, resize_from=0, resize_epochs=0):
         self.size, self.resize_from, self.resize_epochs = size, resize_from, resize_epochs
@@ -36,8 +34,7 @@ class EncodedTrainTransform:
             pixels = to_uint8_hwc(load_rgb(path, encoded))
             size, content, shape = (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes(), pixels.shape
         box = random_resized_crop_box(*size, rng, self.scale)
-        flip = rng.random() < 0.5
-        return EncodedSample(path, content, shape, box, flip, self.size_at(epoch))
+        return EncodedSample(path, content, shape, box, rng.random() < 0.5, self.size_at(epoch))
 
 
 # A training sample before decoding: JPEG bytes (`shape` None) or uint8 (H, W, 3) pixel bytes.
@@ -48,17 +45,11 @@ class EncodedBatch:
     """EncodedSamples as one byte tensor (one shared-memory block a batch), with spans, boxes, flips."""
 
     def __init__(self, samples):
-        self.paths = [s.path for s in samples]
-        self.shapes = [s.shape for s in samples]
-        self.boxes = [s.box for s in samples]
-        self.flips = [s.flip for s in samples]
-        self.size = samples[0].size
-        ends = np.cumsum([len(s.content) for s in samples]).tolist()
+        self.paths, contents, self.shapes, self.boxes, self.flips, sizes = map(list, zip(*samples))
+        self.size = sizes[0]
+        ends = np.cumsum([len(content) for content in contents]).tolist()
         self.spans = list(zip([0] + ends[:-1], ends))
-        self.payload = torch.frombuffer(bytearray(b"".join(s.content for s in samples)), dtype=torch.uint8)
-
-    def __len__(self):
-        return len(self.paths)
+        self.payload = torch.frombuffer(bytearray(b"".join(contents)), dtype=torch.uint8)
 
     def content(self, i):
         start, end = self.spans[i]
@@ -118,11 +109,9 @@ class BatchDecoder:
         jpegs = [i for i, shape in enumerate(batch.shapes) if shape is None]
         decoded = dict(zip(jpegs, self.decode_jpegs(batch, jpegs)))
         crops = []
-        for i, (left, top, right, bottom) in enumerate(batch.boxes):
-            if i in decoded:
-                image = decoded[i]
-            else:  # decoded by the worker: (H, W, 3) pixel bytes
-                image = batch.content(i).to(self.device, non_blocking=True).view(batch.shapes[i]).permute(2, 0, 1)
+        for i, (left, top, right, bottom) in enumerate(batch.boxes):  # else decoded by the worker: (H, W, 3) bytes
+            image = decoded[i] if i in decoded else \
+                batch.content(i).to(self.device, non_blocking=True).view(batch.shapes[i]).permute(2, 0, 1)
             crops.append(antialiased_resize(image[None, :, top:bottom, left:right].float(), batch.size))
         x = torch.cat(crops).clamp_(0, 255)  # bicubic overshoots; the CPU path's uint8 clamps too
         flips = torch.tensor(batch.flips).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
@@ -152,10 +141,9 @@ class BatchDecoder:
 
 
 def decode_ahead(loader, to_device, stream, device):
-    """to_device(batch) of each batch of `loader`, computed in a thread on the side `stream` (None:
-    CPU), yielded once queued with the compute stream made to wait for it: the thread's waits for
-    nvJPEG overlap the step the training thread queues meanwhile. At most two batches ahead (one in
-    `ready`, one in the making). Stopping early, or an error, joins the thread before the next epoch."""
+    """to_device(batch) of each batch of `loader`, computed in a thread on the side `stream` (None: CPU)
+    and yielded once queued: the thread's waits for nvJPEG overlap the step the training thread queues.
+    At most two batches ahead. Stopping early, or an error, joins the thread before the next epoch."""
     batches = iter(loader)  # in this thread: a DataLoader sets up signal handling here
     ready, stop = queue.Queue(maxsize=1), threading.Event()
     thread = threading.Thread(target=_decode_all, args=(batches, to_device, stream, ready, stop), daemon=True,
@@ -166,7 +154,7 @@ def decode_ahead(loader, to_device, stream, device):
             if isinstance(item, BaseException):
                 raise item
             images, labels, queued = item
-            if queued is not None:  # CUDA: the event recorded after the batch's work
+            if queued is not None:  # CUDA
                 compute = torch.cuda.current_stream(device)
                 compute.wait_event(queued)
                 images.record_stream(compute)
@@ -185,9 +173,7 @@ def _decode_all(batches, to_device, stream, ready, stop):
                 if stop.is_set():
                     return
                 images, labels = to_device(batch)
-                queued = torch.cuda.Event() if stream is not None else None
-                if queued is not None:
-                    queued.record(stream)
+                queued = stream.record_event() if stream is not None else None  # after the batch's work
                 _put_unless_stopped(ready, (images, labels, queued), stop)
         _put_unless_stopped(ready, None, stop)
     except BaseException as e:  # handed over, not swallowed

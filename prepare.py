@@ -2,7 +2,7 @@
 
     python prepare.py check DATA                     # decode every file (or a pack's every sample) once
     python prepare.py sort-val DATA/val --labels LOC_val_solution.csv   # val as downloaded -> class folders
-    python prepare.py pack DATA PACK                 # tar shards + index for network file systems: --data PACK
+    python prepare.py pack DATA PACK                 # tar shards for network file systems: --data PACK
 """
 import argparse
 import errno
@@ -25,10 +25,6 @@ from transforms import is_16_bit_gray
 from utils import DataError
 
 
-class Stopped(KeyboardInterrupt):
-    """Ctrl-C, with the line that says what was kept and the next step."""
-
-
 def core_count(text):
     """check --workers: 1 to this machine's cores (more only add processes that wait)."""
     cores = os.cpu_count() or 1
@@ -38,8 +34,7 @@ def core_count(text):
 
 
 def check_writable(path, what):
-    """Refuse, before any work, a destination that is not a folder this process may write in (or
-    create: its nearest existing parent is checked)."""
+    """Refuse, before any work, a destination this process may not write in (or create)."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -50,16 +45,10 @@ def check_writable(path, what):
                         f"folder you can write to")
 
 
-def need_folder(path, what):
-    if not os.path.isdir(path):
-        problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise DataError(f"{what} {path} {problem}")
-
-
-def need_file(path, what):
-    if not os.path.isfile(path):
-        problem = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
-        raise DataError(f"{what} {path} {problem}")
+def need(path, what, kind="folder"):
+    if not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
+        other = "a file, not a folder" if kind == "folder" else "a folder, not a file"
+        raise DataError(f"{what} {path} {'is ' + other if os.path.exists(path) else 'does not exist'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +66,7 @@ def conversion(mode):
 
 
 def _inspect(path, encoded=None, shown=None):
-    """(shown or path, problem or None, odd format or None) for one file (or its bytes `encoded`),
-    decoded fully as load_rgb does."""
+    """(shown or path, problem or None, odd format or None) of a file (or its bytes), fully decoded."""
     try:
         with Image.open(path if encoded is None else io.BytesIO(encoded)) as img:
             fmt, mode, frames = img.format, img.mode, getattr(img, "n_frames", 1)
@@ -103,14 +91,13 @@ def _inspect(path, encoded=None, shown=None):
 _CHECKED = {}  # split -> shards.ShardReader, in each process of `check` on a pack
 
 
-def _start_worker(readers):
+def _start_worker(readers):  # check's pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to report
     _CHECKED.update(readers)
 
 
 def _inspect_packed(job):
-    """_inspect for sample `index` of split `split`, read with its tar headers and label in one
-    positioned read; headers that do not name this sample's file, size and label are a finding."""
+    """_inspect of a pack's sample, read with its tar headers and label in one positioned read."""
     split, index = job
     reader = _CHECKED[split]
     name, label, shard = reader.names[index], reader.labels[index], int(reader.shard_of[index])
@@ -123,18 +110,18 @@ def _inspect_packed(job):
     except DataError as e:
         return shown, str(e), None
     except tarfile.HeaderError as e:
-        return shown, f"no tar header where the index says ({e}): pack again", None
+        header, cls, cls_text = (f"no tar header ({e})", 0), ("-", 0), b""
     expected = (shards.member_name(index, name), size, shards.member_name(index, name, label), str(label).encode())
-    if (*header, cls[0], cls_text) != expected:
-        return shown, f"the shard holds {header[0]} ({header[1]} bytes), {cls[0]} = {cls_text[:10]!r} where the " \
-                      f"index says {expected[0]} ({size} bytes) of label {label}: pack again", None
+    if (*header, cls[0], cls_text) != expected:  # the pack command rewrites a shard that is missing
+        return shown, f"the shard holds {header[0]} ({header[1]} bytes), {cls[0]} = {cls_text[:10]!r} where the index " \
+                      f"says {expected[0]} ({size} bytes) of label {label}: remove {reader.paths[shard]} and " \
+                      f"{shards.repair(os.path.dirname(reader.paths[shard]))}", None
     return _inspect(name, block[shards.TAR_BLOCK:shards.TAR_BLOCK + size], shown)
 
 
 def list_files(root):
-    """(image files, other entries) under `root`, following links. A folder that cannot be listed or
-    a link back to a folder above it is refused (os.walk would skip the one and loop in the other);
-    FIFOs and the like are not images (opening one would wait for ever)."""
+    """(image files, other entries) under `root`, following links; refused: a folder that cannot be
+    listed, a link back up (os.walk would skip the one, loop in the other). FIFOs are not images."""
     def refuse(e):
         raise DataError(f"cannot list {e.filename}: {e.strerror}; check needs to read every folder under {root}")
     files = []
@@ -151,7 +138,7 @@ def list_files(root):
 
 def check(root, workers):
     """Decode every image file under `root` (or every sample of the pack `root`); 1 if any is bad."""
-    need_folder(root, "DATA")
+    need(root, "DATA")
     readers, inspect = {}, _inspect
     if shards.looks_packed(root):
         index = shards.read_index(root)  # the pack is checked cheaply here, before the pool starts
@@ -214,14 +201,13 @@ def read_kaggle_labels(labels, rows):
 
 
 def read_devkit_meta(meta):
-    """{ILSVRC2012_ID: wnid} of the 1000 leaf synsets in the devkit's meta.mat. (torchvision's reader
-    sits inside parse_devkit_archive, which wants the whole devkit archive and its md5.)"""
+    """{ILSVRC2012_ID: wnid} of the devkit's meta.mat (torchvision's reader wants the whole archive)."""
     try:
         from scipy.io import loadmat
     except ImportError:
         raise DataError("reading the devkit's meta.mat needs scipy (pip install scipy), or use Kaggle's "
                         "LOC_val_solution.csv instead") from None
-    need_file(meta, "--meta")
+    need(meta, "--meta", "file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -240,12 +226,10 @@ def read_devkit_meta(meta):
 
 
 def read_val_labels(labels, meta=None):
-    """The wnid of each val image from one of the published label files: Kaggle's LOC_val_solution.csv
-    ({image id: wnid}); one wnid per line in file-name order (TF-slim's synset labels: a list); the
-    devkit's ILSVRC2012_validation_ground_truth.txt (ILSVRC2012_IDs, NOT in sorted-wnid order) with
-    its meta.mat to map them (a list). The file is untrusted: all of it is checked, and every class
-    must be a WordNet id (a plain folder name, never a path), else DataError naming the line."""
-    need_file(labels, "--labels")
+    """{image id: wnid} from Kaggle's LOC_val_solution.csv, or [wnid] in file-name order from a file of
+    one wnid a line or the devkit's ground truth (ILSVRC2012_IDs, mapped by its meta.mat). Untrusted:
+    all of it is checked, every class a WordNet id (a folder name, never a path)."""
+    need(labels, "--labels", "file")
     lines = data.read_label_lines(labels, LABEL_FILES)
     if lines[0][1].replace(" ", "").lower().startswith("imageid,predictionstring"):
         return read_kaggle_labels(labels, lines[1:])
@@ -267,8 +251,7 @@ def read_val_labels(labels, meta=None):
 
 
 def val_classes(val_dir, labels, labelled, loose, placed):
-    """{image file name: wnid} for every image of `val_dir`, loose or `placed`, from `labelled`
-    (read_val_labels): refused unless every image has a label and every label an image."""
+    """{image file name: wnid} of every image, loose or placed; refused unless each has one label."""
     if isinstance(labelled, list):  # in file-name order: pair with every image, loose or sorted
         names = sorted(set(loose) | set(placed))
         if len(names) != len(labelled):
@@ -285,10 +268,8 @@ def val_classes(val_dir, labels, labelled, loose, placed):
 
 
 def sort_val(val_dir, labels, meta=None, out=None):
-    """Move (or, with `out`, hard-link) the loose val images of `val_dir` into <out or val_dir>/<wnid>/.
-    Idempotent: images already in their class folder are left alone. Nothing is touched unless
-    every image has a label and every label an image. Returns (placed now, already in place, verb)."""
-    need_folder(val_dir, "val folder")
+    """Move (or link into `out`) the loose val images into <wnid>/ folders, once every image has a label."""
+    need(val_dir, "val folder")
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} is a file, not a folder: give a new or sorted folder")
     out = val_dir if out is None or (os.path.isdir(out) and os.path.samefile(out, val_dir)) else out
@@ -303,20 +284,21 @@ def sort_val(val_dir, labels, meta=None, out=None):
                         f"(e.g. {wrong[0]}): was the folder sorted with another label file?")
     todo = [name for name in loose if name not in placed]
     check_writable(out, "--out" if out != val_dir else "val folder")
-    verb = "moved" if out == val_dir else "linked"
-    for done, name in enumerate(todo):
-        try:
+    verb, done = "moved" if out == val_dir else "linked", 0
+    try:
+        for name in todo:
             os.makedirs(os.path.join(out, labelled[name]), exist_ok=True)
             src, dst = os.path.join(val_dir, name), os.path.join(out, labelled[name], name)
-            os.replace(src, dst) if out == val_dir else os.link(src, dst)  # a link: no copy of 6 GB
-        except KeyboardInterrupt:
-            raise Stopped(f"sort-val stopped: {verb} {done} of {len(todo)} images into class folders of {out}; "
-                          f"the same command finishes it") from None
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            raise DataError(f"--out {out} is on another file system than {val_dir}: hard links cannot cross it; "
-                            f"give an --out beside {val_dir}, or leave --out out to move within it") from None
+            (os.replace if out == val_dir else os.link)(src, dst)  # a link: no copy of 6 GB
+            done += 1
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"sort-val stopped: {verb} {done} of {len(todo)} images into class folders of "
+                                f"{out}; the same command finishes it") from None
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        raise DataError(f"--out {out} is on another file system than {val_dir}: hard links cannot cross it; "
+                        f"give an --out beside {val_dir}, or leave --out out to move within it") from None
     return len(todo), len(placed), verb
 
 
@@ -334,7 +316,7 @@ def parse_size(text):
 
 
 def pack_command(root, out, shard_size):
-    need_folder(root, "DATA")
+    need(root, "DATA")
     if shards.looks_packed(root):
         raise DataError(f"{root} is a pack already: train and evaluate with --data {root}")
     listed = {split: data.ImageFolder(os.path.join(root, split), None)
@@ -350,15 +332,11 @@ def pack_command(root, out, shard_size):
         raise DataError(f"OUT {out} is inside {inside[0]}, which is packed: give a folder outside it")
     counts, already = shards.pack(root, out, listed, shard_size)
     done = ", ".join(f"{images} {split} images in {n} shards" for split, (images, n, _) in counts.items())
-    print(f"{out} already holds this pack: {done}" if already else f"packed {done} into {out}; train and evaluate "
-          f"with --data {out}")
     note = data.skipped_line([path for _, _, skipped in counts.values() for path in skipped])
-    if note and not already:
-        print(note)
+    print(f"{out} already holds this pack: {done}" if already else
+          f"packed {done} into {out}; train and evaluate with --data {out}" + (f"\n{note}" if note else ""))
     return 0
 
-
-# ---------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as every other refusal
@@ -368,43 +346,43 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     parser = Parser(prog="python prepare.py", description="Prepare ImageNet for train.py.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("check", help="decode every image file under DATA (or every sample of a pack) and "
-                                          "list the undecodable (exit 1) and odd ones")
-    p.add_argument("data", help="folder to scan (e.g. the ImageNet root), or a pack")
+    p = commands.add_parser("check", help="decode every image under DATA (or a pack's every sample): list the bad "
+                                          "(exit 1) and odd ones")
+    p.add_argument("data", help="the ImageNet root, any folder of images, or a pack")
     p.add_argument("--workers", type=core_count, default=os.cpu_count() or 1,
                    help=f"decoding processes, 1 to this machine's cores (default: all, {os.cpu_count()} here)")
     p = commands.add_parser("sort-val", help="sort the 50,000 loose val images into VAL/<wnid>/ folders")
-    p.add_argument("val", help="the folder holding the val images (ILSVRC2012_val_*.JPEG)")
-    p.add_argument("--labels", required=True, help="LOC_val_solution.csv (Kaggle), a file of one wnid per "
-                   "line, or the devkit's ILSVRC2012_validation_ground_truth.txt (with --meta)")
-    p.add_argument("--meta", help="the devkit's data/meta.mat (with the devkit's ground truth; needs scipy)")
-    p.add_argument("--out", help="hard-link into OUT/<wnid>/ and leave VAL as it is (default: move within VAL)")
-    p = commands.add_parser("pack", help="write DATA's train and val as tar shards with an index, for --data OUT; "
-                                         "a rerun continues an unfinished packing or repairs a damaged pack")
+    p.add_argument("val", help="the folder of the val images (ILSVRC2012_val_*.JPEG)")
+    p.add_argument("--labels", required=True, help="LOC_val_solution.csv, a file of one wnid a line, or the "
+                                                   "devkit's ILSVRC2012_validation_ground_truth.txt (with --meta)")
+    p.add_argument("--meta", help="the devkit's data/meta.mat (needs scipy)")
+    p.add_argument("--out", help="hard-link into OUT/<wnid>/, VAL left as it is (default: move within VAL)")
+    p = commands.add_parser("pack", help="DATA's train and val as tar shards, for --data OUT; run again, it "
+                                         "continues or repairs")
     p.add_argument("data", help="the ImageNet root (DATA/train/<class>/*, DATA/val/<class>/*)")
-    p.add_argument("out", help="a new or empty folder, or one that holds this pack (unfinished or damaged)")
+    p.add_argument("out", help="a new or empty folder, or one holding this pack (unfinished or damaged)")
     p.add_argument("--shard-size", type=parse_size, default=shards.DEFAULT_SHARD_SIZE, metavar="SIZE",
-                   help="most bytes a shard holds (but one sample at least), e.g. 1GB (the default), 500MB, 256MiB")
+                   help="most bytes a shard holds (one sample at least), e.g. 1GB (the default), 500MB, 256MiB")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    stopped = {"check": "check stopped; nothing was written: run the same command again",
-               "sort-val": "sort-val stopped before moving any image: run the same command again",
-               "pack": f"packing stopped; the same command continues it (finished shards in {getattr(args, 'out', '')} "
-                       f"are kept)"}[args.command]
     try:
         if args.command == "check":
             return check(args.data, args.workers)
         if args.command == "pack":
             return pack_command(args.data, args.out, args.shard_size)
         moved, present, verb = sort_val(args.val, args.labels, args.meta, args.out)
-        print(f"{verb} {moved} images into class folders of "
-              f"{args.out or args.val}; {present} were already in place")
+        print(f"{verb} {moved} images into class folders of {args.out or args.val}; {present} were already in place")
         return 0
-    except KeyboardInterrupt as e:
-        print(f"error: {e if isinstance(e, Stopped) else stopped}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # what was kept, and the next step
+        print("error: " + (str(e) or {
+            "check": "check stopped; nothing was written: run the same command again",
+            "sort-val": "sort-val stopped before moving any image: run the same command again",
+            "pack": f"packing stopped; the same command continues it (finished shards in {getattr(args, 'out', '')} "
+                    f"are kept)",
+        }[args.command]), file=sys.stderr)
         return 130
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,19 +1,17 @@
 """Packed shards: the writer behind `python prepare.py pack` and the reader behind `--data PACK`.
 
-PACK/<split>-000000.tar, ...: tar shards in WebDataset's layout (<key>.jpg, .png, ... the file's bytes
-unchanged, then <key>.cls the label), which tar(1) and webdataset read; PACK/<split>.npy: each
-sample's shard, offset, size, label; PACK/index.json (written last): classes, shard names and sizes,
-sample names, the .npy's checksum; PACK/pack.json (written first): the source and --shard-size.
-Sample i is one os.pread. By hand, not webdataset (streams: no access by index, so no exact sampler
-order or resume) nor wids (scans every shard's headers in each process that opens it).
+PACK/<split>-000000.tar, ...: WebDataset's layout (<key>.jpg, ... the file's bytes, then <key>.cls);
+PACK/<split>.npy: each sample's shard, offset, size, label; PACK/index.json (written last): classes,
+shards, names, the .npy's checksum; PACK/pack.json: the source and --shard-size. Sample i is one
+os.pread. Not webdataset (streams: no exact sampler order or resume) nor wids (scans every header).
 """
 import concurrent.futures
 import contextlib
-import functools
 import hashlib
 import io
 import json
 import os
+import pathlib
 import re
 import sys
 import tarfile
@@ -91,9 +89,8 @@ def tar_header(block):
 
 
 def shard_problem(path, expected_bytes, headers):
-    """What is wrong with shard `path`, cheaply (its size, the tar headers of its first and last
-    member: `headers` [(offset, name, size)]), or None: missing, cut or grown, or another shard of
-    the same size (renamed, exchanged)."""
+    """What is wrong with shard `path` (missing, cut, renamed, exchanged), or None, cheaply: its size and
+    the tar `headers` [(offset, name, size)] of its first and last member."""
     try:
         with open(path, "rb", buffering=0) as f:  # unbuffered: a block read is a block read
             size, held = os.fstat(f.fileno()).st_size, []
@@ -123,44 +120,17 @@ def shard_headers(names, table, count):
     return headers
 
 
-def table_bytes(table):
-    out = io.BytesIO()
-    np.save(out, table)
-    return out.getvalue()
-
-
 def read_table(pack, split, entry):
-    """PACK/<split>.npy checked against the index (checksum, length) -> the table, or the problem (str)."""
+    """PACK/<split>.npy, the one the index lists (its checksum) -> the table, or what is wrong (str)."""
     path = os.path.join(pack, f"{split}.npy")
     try:
         with open(path, "rb") as f:
             content = f.read()
     except FileNotFoundError:
         return f"{path} is missing"
-    expected = entry.get("table_sha256")  # packs of an earlier version have no checksum
-    if expected and hashlib.sha256(content).hexdigest() != expected:
-        return f"{path} is damaged (its checksum is not the index's)"
-    try:
-        table = np.load(io.BytesIO(content))
-    except (ValueError, OSError, EOFError) as e:
-        return f"{path} is damaged ({e})"
-    if table.dtype != TABLE or len(table) != len(entry["names"]) or not np.array_equal(
-            np.unique(table["shard"]), np.arange(len(entry["shards"]))):
-        return f"{path} is damaged (it does not describe the {len(entry['names'])} samples of the index)"
-    return table
-
-
-def split_problem(pack, split, entry):
-    """(the split's table or None, what is wrong with its table or shards or None), checked cheaply."""
-    table = read_table(pack, split, entry)
-    if isinstance(table, str):
-        return None, table
-    for name, expected, headers in zip(entry["shards"], entry["shard_bytes"],
-                                       shard_headers(entry["names"], table, len(entry["shards"]))):
-        problem = shard_problem(os.path.join(pack, name), expected, headers)
-        if problem:
-            return table, problem
-    return table, None
+    if hashlib.sha256(content).hexdigest() != entry.get("table_sha256"):  # none: an earlier version's pack
+        return f"{path} is not the table the index lists (another checksum)"
+    return np.load(io.BytesIO(content))
 
 
 class ShardReader:
@@ -175,7 +145,9 @@ class ShardReader:
         entry = index["splits"][split]
         self.classes, self.skipped_files, self.names = entry["classes"], entry["skipped_files"], entry["names"]
         self.paths = [os.path.join(pack, name) for name in entry["shards"]]
-        table, problem = split_problem(pack, split, entry)
+        table = read_table(pack, split, entry)
+        problem = table if isinstance(table, str) else next(filter(None, map(  # the first, cheaply
+            shard_problem, self.paths, entry["shard_bytes"], shard_headers(self.names, table, len(self.paths)))), None)
         if problem:
             raise DataError(f"{problem}: {repair(pack, index)}")
         self.shard_of, self.offsets, self.sizes = table["shard"], table["offset"], table["size"]
@@ -194,8 +166,7 @@ class ShardReader:
             os.close(self.files.popitem()[1])
 
     def read_span(self, shard, offset, size, what, retries=None):
-        """`size` bytes at `offset` of shard `shard`: one os.pread, retried (utils.read_retrying) with
-        the shard opened again (a stale handle: ESTALE)."""
+        """One os.pread, retried (utils.read_retrying) with the shard opened again (a stale handle)."""
         def read():
             try:
                 if shard not in self.files:
@@ -208,7 +179,8 @@ class ShardReader:
                     os.close(self.files.pop(shard))
                 raise
             if len(content) != size:
-                raise DataError(f"shard {self.paths[shard]} ends inside {what}: copy the pack again")
+                raise DataError(f"shard {self.paths[shard]} ends inside {what}: "
+                                f"{repair(os.path.dirname(self.paths[shard]))}")
             return content
         return utils.read_retrying(read, f"{what} in {self.paths[shard]}", "check the file system", retries)
 
@@ -269,8 +241,7 @@ def shard_names(split, plan):
 
 
 def write_shard(path, plan, members):
-    """Shard `path` of samples `members`, by utils.write_atomic (a shard that exists is whole), each
-    offset checked against the plan's."""
+    """Shard `path` of samples `members`, atomically (a shard that exists is whole), as planned."""
     table = plan["table"]
 
     def write(tmp):
@@ -328,7 +299,7 @@ def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
     plans, identity = pack_plan(listed, shard_size)
     counts = {split: (len(p["names"]), len(p["shard_bytes"]), p["skipped_files"]) for split, p in plans.items()}
     head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size, "identity": identity}
-    tables = {split: table_bytes(plan["table"]) for split, plan in plans.items()}
+    tables = {split: npy_bytes(plan["table"]) for split, plan in plans.items()}
     index = dict(head, splits={split: {
         "classes": plan["classes"], "shards": shard_names(split, plan), "names": plan["names"],
         "shard_bytes": plan["shard_bytes"], "skipped_files": plan["skipped_files"],
@@ -343,15 +314,15 @@ def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
     for plan, path, members in tqdm(todo, desc="packing", unit="shard", disable=not sys.stderr.isatty()):
         write_shard(path, plan, members)
     for split, content in tables.items():
-        utils.write_atomic(os.path.join(out, f"{split}.npy"), functools.partial(write_bytes, content=content),
-                           len(content))
+        utils.write_atomic(os.path.join(out, f"{split}.npy"), lambda tmp, b=content: pathlib.Path(tmp).write_bytes(b))
     utils.write_text(os.path.join(out, PACK_INDEX), json.dumps(index))
     return counts, False
 
 
-def write_bytes(path, content):
-    with open(path, "wb") as f:
-        f.write(content)
+def npy_bytes(table):
+    out = io.BytesIO()
+    np.save(out, table)
+    return out.getvalue()
 
 
 def shards_to_write(out, plans):

@@ -1,9 +1,7 @@
 """One image into a sample (decode, crop, resize, augment), and the batch augmentations on the device.
 
-Samples leave the workers as uint8 (H, W, 3) tensors (channels_last memory for the batch). JPEGs are
-decoded by libjpeg-turbo (PIL's pixels, faster), the rest by PIL. Augmentation randomness is a pure
-function of (seed, epoch, sample index): a step's data never depends on workers, ranks, decoder or
-where a run resumed.
+Samples leave the workers as uint8 (H, W, 3) tensors. Randomness is a pure function of (seed, epoch,
+sample index): a step's data never depends on workers, ranks, decoder or where a run resumed.
 """
 import importlib.util
 import io
@@ -18,8 +16,6 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from utils import DataError
-
-BICUBIC = Image.Resampling.BICUBIC
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +73,6 @@ def decode_jpegs(encoded, device="cpu"):
     return decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
 
 
-def as_tensor(encoded):
-    return torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-
-
 def takes_jpeg_decoder(encoded):
     """(width, height), and whether libjpeg-turbo / nvJPEG take these bytes: RGB or gray JPEGs without
     an EXIF rotation (TorchCodec applies it, PIL does not). (None, False) for a header PIL cannot read."""
@@ -97,7 +89,8 @@ def decode_rgb(path, encoded):
     """A file's bytes -> uint8 (H, W, 3) from libjpeg-turbo where it takes them, else PIL's RGB image."""
     if takes_jpeg_decoder(encoded)[1]:
         try:
-            return decode_jpegs([as_tensor(encoded)])[0].permute(1, 2, 0)  # (H, W, 3) memory already
+            pixels = decode_jpegs([torch.frombuffer(bytearray(encoded), dtype=torch.uint8)])[0]
+            return pixels.permute(1, 2, 0)  # (H, W, 3) memory already
         except RuntimeError:  # libjpeg warnings PIL tolerates are errors here: let PIL decide
             pass
     return load_rgb(path, encoded)
@@ -117,11 +110,9 @@ def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4,
     for _ in range(10):
         target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
+        w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
-            left = rng.randint(0, width - w)
-            top = rng.randint(0, height - h)
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
             return left, top, left + w, top + h
     if width / height < ratio[0]:
         w, h = width, round(width / ratio[0])
@@ -179,10 +170,9 @@ class TrainTransform:
         self.scale = (min_scale, 1.0)
         self.augment = augment or ("autoaugment" if autoaugment else "none")
         self.magnitude, self.magnitude_std = magnitude, magnitude_std
-        if self.augment == "randaugment":  # one op per call, so that each op can have its own magnitude
-            self.op = [augment_op("randaugment", b) for b in range(RANDAUGMENT_BINS)]
-        else:
-            self.op = augment_op(self.augment)
+        # RandAugment: one op per call, so that each op can have its own magnitude
+        self.op = [augment_op("randaugment", b) for b in range(RANDAUGMENT_BINS)] \
+            if self.augment == "randaugment" else augment_op(self.augment)
 
     def size_at(self, epoch):
         return progressive_size(epoch, self.resize_from, self.size, self.resize_epochs) if self.resize_from else self.size
@@ -202,12 +192,10 @@ class TrainTransform:
         # torchvision's ops draw from torch's global RNG: seed it from this sample's generator
         # inside fork_rng, so that the caller's RNG stream is left as it was.
         seed = rng.getrandbits(63)
+        ops = [self.op]
         if self.augment == "randaugment":  # timm draws each op's magnitude; the ops' choice stays torchvision's
-            draws = [rng.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
-                     for _ in range(2)]
-            ops = [self.op[randaugment_bin(m)] for m in draws]
-        else:
-            ops = [self.op]
+            ops = [self.op[randaugment_bin(rng.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0
+                                           else self.magnitude)] for _ in range(2)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for op in ops:
@@ -251,10 +239,9 @@ def mixup(images, labels, num_classes, lam):
     return images, targets.flip(0).mul_(1.0 - lam).add_(targets.mul(lam))
 
 
-def cutmix(images, labels, num_classes, box):
-    """Paste `box` of each sample's partner (as in mixup) into it; targets mix by the pasted area."""
+def cutmix(images, labels, num_classes, box, lam):
+    """Paste `box` of each sample's partner (as in mixup) into it; targets mix by `lam`, the area kept."""
     left, top, right, bottom = box
-    lam = 1.0 - (right - left) * (bottom - top) / (images.shape[-1] * images.shape[-2])
     images = images.clone()
     images[..., top:bottom, left:right] = images.flip(0)[..., top:bottom, left:right]
     targets = F.one_hot(labels, num_classes).to(images.dtype)
@@ -277,8 +264,8 @@ def random_erase_(images, p, scale=(0.02, 1 / 3), ratio=(0.3, 10 / 3)):
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if h < height and w < width:
                 noises.append(torch.empty(images.shape[1], h, w).normal_())
-                top = int(torch.randint(0, height - h + 1, size=(1,)))
-                left = int(torch.randint(0, width - w + 1, size=(1,)))
+                top, left = (int(torch.randint(0, height - h + 1, size=(1,))),
+                             int(torch.randint(0, width - w + 1, size=(1,))))
                 boxes.append((n, top, left, h, w))
                 break
     if boxes:
@@ -301,7 +288,7 @@ def augment_batch(images, labels, num_classes, seed, erase=0.0, mixup_alpha=0.0,
         if mixup_alpha > 0 or cutmix_alpha > 0:
             if cutmix_alpha > 0 and (mixup_alpha == 0 or torch.rand(1).item() < 0.5):
                 params = v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes).make_params([images])
-                images, targets = cutmix(images, labels, num_classes, params["box"])
+                images, targets = cutmix(images, labels, num_classes, params["box"], params["lam_adjusted"])
             else:
                 params = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes).make_params([images])
                 images, targets = mixup(images, labels, num_classes, params["lam"])

@@ -12,7 +12,7 @@ own batch augmentation (`--random-erase`, `--mixup`/`--cutmix`: per image of a b
 The same images are also read from a pack of them (`python prepare.py pack`: one positioned read per
 image, see shards.py), and the files each pipeline opens per 1,000 images are counted.
 
-What a worker does is timed whole: __getitem__ for every image, then the collation of batches (default_collate; data.collate for this repo)
+What a worker does is timed whole: __getitem__ for every image, then the collation of batches (default_collate; gpu_decode.collate for --decode gpu)
 (float32 batches for the textbook pipeline, uint8 or encoded ones for this one). Pipelines alternate A/B over
 several rounds in one process with one thread; the table shows the median round.
 """
@@ -135,10 +135,10 @@ def opens_per_1000(dataset, batch_size):
 
 def worker_pass(dataset, batch_size):
     """What one loader worker does for the whole dataset: items, then collated batches."""
+    collate = gpu_decode.collate if data.decode_mode(dataset) == "gpu" else torch.utils.data.default_collate
     start = time.perf_counter()
     for first in range(0, len(dataset), batch_size):
-        data.collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))],
-                     decode=data.decode_mode(dataset))
+        collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
     return len(dataset) / (time.perf_counter() - start)
 
 

@@ -363,13 +363,20 @@ def test_a_pack_is_checked_at_start_without_reading_it(pristine, tmp_path):
     assert read < small + 9 * 2 * 512 + 16_384 < shard_bytes, (read, small, shard_bytes)  # two headers a shard
 
 
-def test_an_old_pack_without_checksums_still_opens(pristine, tmp_path):
-    root, clean, _ = pristine
+def test_a_pack_of_an_earlier_version_is_upgraded_by_the_pack_command_without_rewriting_its_shards(pristine, tmp_path,
+                                                                                                   capsys):
+    root, clean, files = pristine
     out = str(tmp_path / "pack")
     shutil.copytree(clean, out)
     index = json.load(open(os.path.join(out, "index.json")))
     for entry in index["splits"].values():
-        del entry["table_sha256"]
+        del entry["table_sha256"]  # what the earlier version wrote: no checksum, no pack.json
     json.dump(index, open(os.path.join(out, "index.json"), "w"))
     os.remove(os.path.join(out, "pack.json"))
-    assert len(data.build_datasets(out, 32, 36)[0]) == 12
+    written = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out) if name.endswith(".tar")}
+    with pytest.raises(DataError, match=f"val.npy is not the table the index lists .*: repair it with python prepare.py "
+                                        f"pack {root} {out} --shard-size 16000"):
+        data.build_datasets(out, 32, 36)
+    assert prepare.main(["pack", root, out, "--shard-size", "16kB"]) == 0
+    assert {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in written} == written
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == files
