@@ -1,5 +1,6 @@
 """data.py: the samplers (exact across ranks, resumable, memory bounded by the data set), the datasets
 and their layout errors, the built-in sets, the loaders and the device side."""
+import gc
 import multiprocessing
 import os
 import runpy
@@ -20,6 +21,7 @@ from utils import DataError
 
 # ------------------------------------------------------------------------------------- samplers
 
+@pytest.mark.quick
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("size", [7, 10, 13, 50])
 def test_val_shards_cover_every_index_exactly_once(world, size):
@@ -28,6 +30,7 @@ def test_val_shards_cover_every_index_exactly_once(world, size):
     assert sum(len(ShardSampler(size, r, world)) for r in range(world)) == size
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("size", [7, 10, 13, 50])
 def test_train_shards_equal_complete_and_reshuffled(world, size):
@@ -47,6 +50,7 @@ def test_train_shards_equal_complete_and_reshuffled(world, size):
     assert epoch1[0] == list(reference)
 
 
+@pytest.mark.quick
 def test_train_sampler_skip_resumes_with_the_next_samples():
     # `skip` counts what all ranks used together: 10 steps of one sample on each of 3 ranks here.
     sampler = TrainSampler(100, rank=1, world_size=3, seed=0)
@@ -57,6 +61,7 @@ def test_train_sampler_skip_resumes_with_the_next_samples():
     assert list(sampler)[:23] == full[10:33]  # the last one of each is padding
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (4, 2), (2, 3)])
 def test_train_sampler_continues_an_epoch_on_another_world_size(before, after):
     # 50 images, global batch 12: 4 steps; 2 taken on `before` ranks, the other 2 on `after` ranks.
@@ -102,6 +107,7 @@ def test_repeated_aug_order_is_as_before_and_its_memory_does_not_grow_with_the_r
 
 # ------------------------------------------------------------------------------ datasets, loaders
 
+@pytest.mark.quick
 def test_bad_file_in_a_worker_names_the_file(tmp_path):
     root = make_imagenet(tmp_path)
     bad = os.path.join(root, "train", "b", "b_1.jpeg")
@@ -110,8 +116,10 @@ def test_bad_file_in_a_worker_names_the_file(tmp_path):
     loader = data.build_loader(train, TrainSampler(len(train)), 4, workers=1, train=True)
     with pytest.raises(DataError, match="b_1.jpeg"):
         list(loader)
+    gc.collect()  # the failed epoch's workers stop now; collected during a later test, they took 10 s
 
 
+@pytest.mark.quick
 def test_train_samples_depend_only_on_seed_epoch_index(tmp_path):
     root = make_imagenet(tmp_path)
     train, _ = build_datasets(root, 32, 40, seed=3, autoaugment=True)
@@ -124,6 +132,7 @@ def test_train_samples_depend_only_on_seed_epoch_index(tmp_path):
     assert a[0].shape == (32, 32, 3) and a[0].dtype == torch.uint8
 
 
+@pytest.mark.quick
 def test_loader_batches_identical_with_and_without_workers(tmp_path):
     root = make_imagenet(tmp_path, train=6)
     train, _ = build_datasets(root, 32, 40, seed=1)
@@ -140,6 +149,7 @@ def test_loader_batches_identical_with_and_without_workers(tmp_path):
 
 # ------------------------------------------------------------------------------- device side
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_device_normalisation_equals_totensor_normalize(device):
@@ -161,6 +171,7 @@ def test_device_normalisation_equals_totensor_normalize(device):
 
 # ----------------------------------------------------------------------------- layout errors
 
+@pytest.mark.quick
 def test_layout_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_datasets(str(tmp_path / "nowhere"), 32, 40)
@@ -183,6 +194,7 @@ def test_layout_errors_name_the_problem(tmp_path):
         build_datasets(str(only_val), 32, 40)
 
 
+@pytest.mark.quick
 def test_image_folder_names_what_it_leaves_out(tmp_path):
     root = make_imagenet(tmp_path / "data")
     a = os.path.join(root, "train", "a")
@@ -209,6 +221,7 @@ def test_image_folder_names_what_it_leaves_out(tmp_path):
 
 # ------------------------------------------------------------------------------ built-in data
 
+@pytest.mark.quick
 def test_demo_and_synthetic_are_deterministic():
     train, val = build_datasets("demo", 48, 56, seed=0)
     assert len(train) == data.DEMO_SIZES["train"] and len(val) == data.DEMO_SIZES["val"]
@@ -222,6 +235,7 @@ def test_demo_and_synthetic_are_deterministic():
     assert s_train[3][0].shape == (32, 32, 3) and 0 <= s_train[3][1] < 1000
 
 
+@pytest.mark.quick
 def test_folder_named_like_a_built_in_set_is_refused_not_shadowed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert len(build_datasets("demo", 32, 36)[1]) == data.DEMO_SIZES["val"]  # no ./demo: the built-in set
@@ -251,6 +265,7 @@ def flaky_open(monkeypatch, target, failures):
     monkeypatch.setattr(utils, "READ_BACKOFF_SECONDS", 0.001)
 
 
+@pytest.mark.quick
 def test_flaky_reads_are_retried_and_counted(tmp_path, monkeypatch):
     path = tmp_path / "x.JPEG"
     Image.fromarray(photo(20, 20)).save(path)
@@ -264,6 +279,7 @@ def test_flaky_reads_are_retried_and_counted(tmp_path, monkeypatch):
     assert retries.value == 2 * (utils.READ_ATTEMPTS - 1)
 
 
+@pytest.mark.quick
 def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -25,6 +25,7 @@ def images_0_255(x):
     return x * std + mean
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("max_downscale", [None, 2])
 def test_device_decode_path_equals_cpu_path_image_by_image(tmp_path, monkeypatch, max_downscale):
     """The GPU path run on the CPU (libjpeg-turbo in place of nvJPEG): same boxes, same flips, the
@@ -60,6 +61,7 @@ def test_device_decode_path_equals_cpu_path_image_by_image(tmp_path, monkeypatch
         assert diff.max() <= 2.01 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
+@pytest.mark.quick
 def test_device_decode_names_a_corrupt_jpeg(tmp_path):
     root = tmp_path / "data"
     make_folder(str(root), ("a",), per_class=4, size=(200, 150))
@@ -73,6 +75,7 @@ def test_device_decode_names_a_corrupt_jpeg(tmp_path):
         list(data.DeviceLoader(batches, "cpu", decode="gpu"))
 
 
+@pytest.mark.quick
 def test_decode_gpu_refuses_what_it_cannot_do(tmp_path):
     import train  # the refusals are train.py's argument checks, before any data is read
     root = make_imagenet(tmp_path)
@@ -92,6 +95,7 @@ def encoded_batches(root, batch_size=2, seed=2, **loader_args):
                                   **loader_args))
 
 
+@pytest.mark.quick
 def test_device_decode_runs_in_a_thread_of_its_own_at_most_two_batches_ahead(tmp_path, monkeypatch):
     make_folder(str(tmp_path), ("a", "b"), per_class=6, size=(80, 60))
     batches = encoded_batches(tmp_path)
@@ -120,6 +124,7 @@ def test_device_decode_runs_in_a_thread_of_its_own_at_most_two_batches_ahead(tmp
     assert not [t for t in threading.enumerate() if t.name == "DeviceLoader-decode"]
 
 
+@pytest.mark.quick
 def test_device_decode_stopped_mid_epoch_then_resumed_gives_the_uninterrupted_batches(tmp_path):
     """As train.py uses it: persistent workers, an epoch left after 2 steps (the generator dropped),
     then the same epoch resumed at its 3rd step with the sampler's skip."""
@@ -141,6 +146,7 @@ def test_device_decode_stopped_mid_epoch_then_resumed_gives_the_uninterrupted_ba
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
+@pytest.mark.quick
 def test_resize_stages_keep_every_stage_within_the_kernels_limit():
     assert gpu_decode.resize_stages(375, 500, 224) == [(224, 224)]  # ImageNet: one resize
     assert gpu_decode.resize_stages(3200, 100, 32) == [(1024, 100), (32, 32)]
@@ -152,6 +158,7 @@ def test_resize_stages_keep_every_stage_within_the_kernels_limit():
     assert len(gpu_decode.resize_stages(2048, 1024, 32)) == 2 and len(gpu_decode.resize_stages(1024, 1024, 32)) == 1
 
 
+@pytest.mark.quick
 def test_staged_resize_is_within_a_level_of_one_resize(monkeypatch):
     x = torch.from_numpy(photo(500, 375, seed=3)).permute(2, 0, 1)[None].float()
     direct = torch.nn.functional.interpolate(x, size=(12, 12), mode="bicubic", antialias=True)

@@ -29,6 +29,7 @@ def run_prepare(*args):
 
 # ------------------------------------------------------------------------------- check
 
+@pytest.mark.quick
 def test_check_command_lists_skipped_files_and_what_odd_formats_become(tmp_path, capsys):
     root = make_imagenet(tmp_path)
     a = os.path.join(root, "train", "a")
@@ -75,6 +76,7 @@ def run_sort_val(*args):
     return run_prepare("sort-val", *args)
 
 
+@pytest.mark.quick
 def test_sort_val_from_kaggle_csv_moves_once_and_loads_as_image_folder(tmp_path):
     wnids = ["n01440764", "n01443537", "n01440764", "n01484850", "n01443537", "n01484850"]
     val = make_loose_val(tmp_path / "val", wnids)
@@ -95,6 +97,7 @@ def test_sort_val_from_kaggle_csv_moves_once_and_loads_as_image_folder(tmp_path)
     assert again.returncode == 0 and "moved 0 images" in again.stdout and "6 were already in place" in again.stdout
 
 
+@pytest.mark.quick
 def test_sort_val_from_wnid_list_links_into_another_folder(tmp_path):
     wnids = ["n00000002", "n00000001", "n00000002", "n00000001"]
     val = make_loose_val(tmp_path / "flat", wnids)
@@ -110,6 +113,7 @@ def test_sort_val_from_wnid_list_links_into_another_folder(tmp_path):
     assert run_sort_val(val, "--labels", labels, "--out", out).stdout.startswith("linked 0 images")
 
 
+@pytest.mark.quick
 def test_sort_val_refuses_mismatches_and_touches_nothing(tmp_path):
     wnids = ["n00000001", "n00000002", "n00000001"]
     val = make_loose_val(tmp_path / "val", wnids)
@@ -166,6 +170,7 @@ def write_meta(path, synsets):
     return path
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("label", ["../x", "OUTSIDE", "a/b", "..", ".", ".hidden", "n00000001/../../x", "n0000001"])
 @pytest.mark.parametrize("form", ["csv", "list", "meta"])
 def test_sort_val_takes_only_class_names_and_moves_nothing_else(tmp_path, capsys, form, label):
@@ -191,6 +196,7 @@ def test_sort_val_takes_only_class_names_and_moves_nothing_else(tmp_path, capsys
     assert tree(tmp_path) == before
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", ["no comma", "empty prediction", "empty image id", "header only", "twice",
                                   "binary", "empty", "blank lines", "not labels", "word among ids"])
 def test_sort_val_malformed_label_files_give_one_line(tmp_path, capsys, case):
@@ -227,6 +233,7 @@ def test_sort_val_malformed_label_files_give_one_line(tmp_path, capsys, case):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.quick
 def test_sort_val_devkit_ground_truth_with_meta(tmp_path, capsys):
     """The devkit form end to end (needs scipy), and its meta.mat checked: a file that is not one,
     an ID it does not list, a synset with children (not a class)."""
@@ -372,6 +379,7 @@ def test_check_refuses_what_it_cannot_check_in_one_line(tmp_path, capsys, monkey
                                               f"denied; check needs to read every folder under {root}")
 
 
+@pytest.mark.quick
 def test_check_skips_fifos_and_stops_at_a_link_loop(tmp_path, capsys):
     root = make_imagenet(tmp_path / "data")
     fifo = os.path.join(root, "train", "a", "pipe.JPEG")
@@ -416,6 +424,7 @@ def test_sort_val_refuses_hostile_input_in_one_line_and_touches_nothing(tmp_path
     assert tree(tmp_path) == sorted(before + ["other.txt", "truth.txt"])
 
 
+@pytest.mark.quick
 def test_sort_val_refuses_a_read_only_destination_before_moving_anything(tmp_path, capsys):
     wnids = ["n00000001", "n00000002"]
     labels = tmp_path / "labels.txt"
@@ -461,3 +470,16 @@ def test_pack_refuses_hostile_input_in_one_line(tmp_path, capsys):
             f"error: OUT {ro / 'p'}: no permission to write in {ro} (or it is read-only); give a folder you can "
             f"write to")
     assert not os.path.exists(tmp_path / "q")
+
+
+@pytest.mark.quick
+def test_progress_bars_only_where_stderr_is_a_terminal(tmp_path, capsys, monkeypatch):
+    root = make_imagenet(tmp_path / "data", train=2, val=1)
+    assert prepare.main(["check", root, "--workers", "1"]) == 0
+    assert prepare.main(["pack", root, str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().err == ""  # a file or a pipe: no bars
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # now a terminal
+    assert prepare.main(["check", root, "--workers", "1"]) == 0
+    assert prepare.main(["pack", root, str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "decoding: 100%" in err and "packing: 100%" in err

@@ -51,6 +51,7 @@ def members(shard):
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
+@pytest.mark.quick
 def test_pack_round_trips_every_samples_bytes_and_label(packed):
     root, out = packed
     for split in ("train", "val"):
@@ -71,6 +72,7 @@ def test_pack_round_trips_every_samples_bytes_and_label(packed):
             assert in_tars[key + ext] == source and in_tars[key + ".cls"] == str(label).encode()
 
 
+@pytest.mark.quick
 def test_webdataset_and_tar_read_the_shards_as_the_folders(packed):
     webdataset = pytest.importorskip("webdataset")  # in requirements-dev; an optional extra to train
     root, out = packed
@@ -85,6 +87,7 @@ def test_webdataset_and_tar_read_the_shards_as_the_folders(packed):
     assert listed == list(members(reader.paths[0]))  # tar(1) lists what Python's tarfile reads
 
 
+@pytest.mark.quick
 def test_training_and_eval_samples_from_shards_equal_the_folders(packed):
     root, out = packed
     a = data.build_datasets(root, 32, 36, seed=3, augment="randaugment")
@@ -102,6 +105,7 @@ def test_training_and_eval_samples_from_shards_equal_the_folders(packed):
         assert torch.equal(x, x0) and torch.equal(y, y0)
 
 
+@pytest.mark.quick
 def test_pack_resumes_where_it_stopped_and_refuses_other_packs(tmp_path, monkeypatch, capsys):
     root = make_imagenet(tmp_path / "data", train=6, val=2)
     out, fresh = str(tmp_path / "pack"), str(tmp_path / "fresh")
@@ -142,6 +146,7 @@ def test_pack_resumes_where_it_stopped_and_refuses_other_packs(tmp_path, monkeyp
     assert len(shards.ShardReader(out, "train")) == 18  # the pack is untouched
 
 
+@pytest.mark.quick
 def test_shard_reads_are_retried_reopened_and_counted(packed, monkeypatch):
     _, out = packed
     folder = data.open_split(out, "val", None, index=shards.read_index(out))
@@ -166,6 +171,7 @@ def test_shard_reads_are_retried_reopened_and_counted(packed, monkeypatch):
         folder.read(0)
 
 
+@pytest.mark.quick
 def test_a_process_keeps_at_most_max_open_shards_open(packed, monkeypatch):
     root, out = packed
     monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 2)
@@ -178,6 +184,7 @@ def test_a_process_keeps_at_most_max_open_shards_open(packed, monkeypatch):
     assert reader.files == {}
 
 
+@pytest.mark.quick
 def test_check_on_a_pack_finds_bad_samples_and_a_wrong_index(packed, tmp_path, capsys):
     root, _ = packed
     out = str(tmp_path / "one")  # one shard a split: samples 1 and 2 sit inside it, not at its ends
@@ -209,6 +216,7 @@ def test_check_on_a_pack_finds_bad_samples_and_a_wrong_index(packed, tmp_path, c
     assert "checked 21 samples: 3 undecodable" in result
 
 
+@pytest.mark.quick
 def test_a_missing_or_cut_shard_and_a_split_not_packed_are_named(tmp_path, capsys):
     make_folder(str(tmp_path / "data" / "val"), per_class=2)
     out = str(tmp_path / "pack")
@@ -226,6 +234,7 @@ def test_a_missing_or_cut_shard_and_a_split_not_packed_are_named(tmp_path, capsy
         data.build_datasets(out, 32, 36, with_train=False)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("text, size", [("1GB", 10 ** 9), ("500MB", 5 * 10 ** 8), ("256MiB", 2 ** 28),
                                         ("1.5kB", 1500), ("4096", 4096)])
 def test_shard_sizes_read_as_people_write_them(text, size):
@@ -245,6 +254,7 @@ def test_train_py_names_a_missing_shard_in_one_line(tmp_path):
                                     f"{out} --shard-size 8000 (it rewrites what is damaged)"
 
 
+@pytest.mark.quick
 def test_a_full_disk_while_packing_keeps_the_finished_shards_and_says_so(tmp_path, monkeypatch, capsys):
     root = make_imagenet(tmp_path / "data", train=6, val=2)
     out = str(tmp_path / "pack")
@@ -328,6 +338,7 @@ DAMAGE = ["index missing", "index damaged", "table missing", "table damaged", "s
           "shards renamed", "shard exchanged"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_damaged_pack_is_refused_at_start_and_the_pack_command_repairs_it(pristine, tmp_path, capsys, how):
     root, clean, files = pristine
@@ -349,6 +360,7 @@ def test_a_damaged_pack_is_refused_at_start_and_the_pack_command_repairs_it(pris
     assert len(data.build_datasets(out, 32, 36)[0]) == 12
 
 
+@pytest.mark.quick
 def test_a_pack_is_checked_at_start_without_reading_it(pristine, tmp_path):
     root, clean, _ = pristine
     def read_so_far():  # bytes this process has read through system calls (Linux)
@@ -363,6 +375,7 @@ def test_a_pack_is_checked_at_start_without_reading_it(pristine, tmp_path):
     assert read < small + 9 * 2 * 512 + 16_384 < shard_bytes, (read, small, shard_bytes)  # two headers a shard
 
 
+@pytest.mark.quick
 def test_a_pack_of_an_earlier_version_is_upgraded_by_the_pack_command_without_rewriting_its_shards(pristine, tmp_path,
                                                                                                    capsys):
     root, clean, files = pristine

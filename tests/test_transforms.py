@@ -23,6 +23,7 @@ from utils import DataError
 
 # ----------------------------------------------------------------------------------- decoding
 
+@pytest.mark.quick
 def test_odd_files_load_as_rgb(tmp_path):
     base = photo(40, 30)
     Image.fromarray(base[..., 0]).save(tmp_path / "gray.jpg")
@@ -73,6 +74,7 @@ SIXTEEN_BIT_FILES = {  # name: (writer of uint16 values, the mode Pillow 13 open
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", sorted(SIXTEEN_BIT_FILES))
 def test_16_bit_images_scale_to_8_bits(tmp_path, name):
     write, mode = SIXTEEN_BIT_FILES[name]
@@ -96,6 +98,7 @@ def test_16_bit_images_scale_to_8_bits(tmp_path, name):
     assert prepare._inspect(path)[2] == said.get(mode, f"mode {mode}, 16-bit grayscale, scaled to 8 bits")
 
 
+@pytest.mark.quick
 def test_every_16_bit_gray_mode_keeps_the_high_byte():
     values = np.array([[0, 255, 256, 4660, 32768, 65535]], np.uint16)
     for mode, dtype in (("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2")):
@@ -105,6 +108,7 @@ def test_every_16_bit_gray_mode_keeps_the_high_byte():
     assert np.asarray(transforms.to_8_bit(wide)).tolist() == [[0, 18, 255]]
 
 
+@pytest.mark.quick
 def test_gif_loads_its_first_frame(tmp_path):
     flat = np.zeros((30, 40, 3), np.uint8)  # three flat colours: a GIF palette holds them exactly
     flat[:15, :20], flat[:15, 20:], flat[15:] = (200, 30, 30), (30, 200, 30), (30, 30, 200)
@@ -120,6 +124,7 @@ def test_gif_loads_its_first_frame(tmp_path):
     assert dataset.skipped_files == [] and dataset[1][0].shape == (24, 24, 3)
 
 
+@pytest.mark.quick
 def test_truncated_and_garbage_files_raise_with_their_path(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(photo(200, 150)).save(buf, "JPEG")
@@ -134,6 +139,7 @@ def test_truncated_and_garbage_files_raise_with_their_path(tmp_path):
 
 # --------------------------------------------------------------------------------- transforms
 
+@pytest.mark.quick
 def test_val_transform_equals_torchvision_resize_center_crop():
     reference = T.Compose([T.Resize(40, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
                            T.PILToTensor()])
@@ -143,6 +149,7 @@ def test_val_transform_equals_torchvision_resize_center_crop():
         assert torch.equal(ours.permute(2, 0, 1), reference(img)), (w, h)
 
 
+@pytest.mark.quick
 def test_train_crop_matches_torchvision_resized_crop():
     img = Image.fromarray(photo(120, 90))
     pixels = transforms.to_uint8_hwc(img)
@@ -158,6 +165,7 @@ def test_train_crop_matches_torchvision_resized_crop():
         assert diff.max() <= 8 and diff.mean() < 0.5
 
 
+@pytest.mark.quick
 def test_random_resized_crop_box_statistics():
     rng = random.Random(0)
     areas, ratios = [], []
@@ -172,6 +180,7 @@ def test_random_resized_crop_box_statistics():
     assert transforms.random_resized_crop_box(10, 1000, random.Random(0), scale=(0.99, 1.0)) == (0, 493, 10, 506)
 
 
+@pytest.mark.quick
 def test_mixup_blends_images_and_targets():
     images = torch.arange(3 * 3 * 2 * 2, dtype=torch.float32).view(3, 3, 2, 2)
     mixed, targets = transforms.mixup(images, torch.tensor([0, 2, 1]), 4, lam=0.7)
@@ -204,6 +213,7 @@ def jpeg_variants(folder):
     return sorted(files)
 
 
+@pytest.mark.quick
 def test_libjpeg_turbo_decodes_what_it_takes_with_pils_pixels(tmp_path):
     names = jpeg_variants(str(tmp_path))
     turbo = {"rgb0.JPEG", "rgb1.JPEG", "rgb2.JPEG", "rgb3.JPEG", "gray.JPEG"}
@@ -220,6 +230,7 @@ def test_libjpeg_turbo_decodes_what_it_takes_with_pils_pixels(tmp_path):
         assert torch.equal(train(decoded, random.Random(name)), train(reference, random.Random(name))), name
 
 
+@pytest.mark.quick
 def test_turbo_failure_falls_back_to_pil_which_names_the_file(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(photo(200, 150)).save(buf, "JPEG")
