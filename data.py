@@ -75,12 +75,7 @@ def list_class_folder(folder):
 
 def skipped_note(*datasets, show=5):
     """The line to print about what these datasets' class folders hold besides images, or None."""
-    return skipped_line([path for d in datasets for path in getattr(d, "skipped_files", ())], show)
-
-
-def skipped_line(paths, show=5):
-    """skipped_note for a list of skipped paths."""
-    skipped = sorted(paths)
+    skipped = sorted(path for d in datasets for path in getattr(d, "skipped_files", ()))
     if not skipped:
         return None
     kinds = "files and folders" if any(path.endswith(os.sep) for path in skipped) else "files"

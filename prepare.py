@@ -35,6 +35,8 @@ def core_count(text):
 
 def check_writable(path, what):
     """Refuse, before any work, a destination this process may not write in (or create)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DataError(f"{what} {path} is a link to {os.readlink(path)}, which does not exist")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -47,8 +49,9 @@ def check_writable(path, what):
 
 def need(path, what, kind="folder"):
     if not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
-        other = "a file, not a folder" if kind == "folder" else "a folder, not a file"
-        raise DataError(f"{what} {path} {'is ' + other if os.path.exists(path) else 'does not exist'}")
+        problem = ("does not exist" if not os.path.exists(path) else "is a file, not a folder" if kind == "folder"
+                   else "is a folder, not a file" if os.path.isdir(path) else "is not a regular file")
+        raise DataError(f"{what} {path} {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +234,11 @@ def read_val_labels(labels, meta=None):
     all of it is checked, every class a WordNet id (a folder name, never a path)."""
     need(labels, "--labels", "file")
     lines = data.read_label_lines(labels, LABEL_FILES)
-    if lines[0][1].replace(" ", "").lower().startswith("imageid,predictionstring"):
+    kaggle = lines[0][1].replace(" ", "").lower().startswith("imageid,predictionstring")
+    if meta is not None and (kaggle or WNID.fullmatch(lines[0][1])):
+        raise DataError(f"--meta maps the devkit's ILSVRC2012_IDs, and {labels} names the classes itself: leave "
+                        f"--meta out")
+    if kaggle:
         return read_kaggle_labels(labels, lines[1:])
     if WNID.fullmatch(lines[0][1]):
         return [wnid_at(labels, n, text) for n, text in lines]
@@ -331,8 +338,8 @@ def pack_command(root, out, shard_size):
     if inside:
         raise DataError(f"OUT {out} is inside {inside[0]}, which is packed: give a folder outside it")
     counts, already = shards.pack(root, out, listed, shard_size)
-    done = ", ".join(f"{images} {split} images in {n} shards" for split, (images, n, _) in counts.items())
-    note = data.skipped_line([path for _, _, skipped in counts.values() for path in skipped])
+    done = ", ".join(f"{images} {split} images in {n} shards" for split, (images, n) in counts.items())
+    note = data.skipped_note(*listed.values())
     print(f"{out} already holds this pack: {done}" if already else
           f"packed {done} into {out}; train and evaluate with --data {out}" + (f"\n{note}" if note else ""))
     return 0

@@ -275,19 +275,19 @@ def held_index(out, identity, plans):
     held = set(os.listdir(out)) if os.path.isdir(out) else set()
     ours = {PACK_INDEX, PACK_HEAD} | {f"{split}.npy" for split in plans}
     ours |= {name for split, plan in plans.items() for name in shard_names(split, plan)}
+    found = {}
+    for name in (PACK_INDEX, PACK_HEAD):
+        with contextlib.suppress(DataError):  # damaged: rewritten, what it described checked file by file
+            found[name] = read_json(out, name) if name in held else None
+    other = next((f for f in found.values() if f and f.get("identity") != identity), None)
+    if other:
+        raise DataError(f"{out} holds the pack of other files or another --shard-size ({other.get('source')}, "
+                        f"--shard-size {other.get('shard_size')}): give another folder, or remove {out}")
     stale = {name for name in held if name.startswith(".") and name[1:].split(".tmp.")[0] in ours}
     others = sorted(held - ours - stale)  # stale: what utils.write_atomic left of a killed packing
     if others:
         raise DataError(f"{out} holds files that are not this pack's ({', '.join(others[:3])}): "
                         f"give a new or empty folder to pack into")
-    found = {}
-    for name in (PACK_INDEX, PACK_HEAD):
-        with contextlib.suppress(DataError):  # damaged: rewritten, what it described checked file by file
-            found[name] = read_json(out, name)
-    other = next((f for f in found.values() if f and f.get("identity") != identity), None)
-    if other:
-        raise DataError(f"{out} holds the pack of other files or another --shard-size ({other.get('source')}): "
-                        f"give another folder, or remove {out}")
     if stale:
         utils.remove_stale_temporaries(out)  # all of them ours, as just checked
     return found.get(PACK_INDEX)
@@ -295,9 +295,9 @@ def held_index(out, identity, plans):
 
 def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
     """Pack `listed` ({split: class folders of DATA}) into OUT, continuing an unfinished packing and
-    rewriting whatever is missing or damaged -> ({split: (images, shards, skipped)}, already whole)."""
+    rewriting whatever is missing or damaged -> ({split: (images, shards)}, whether it was whole already)."""
     plans, identity = pack_plan(listed, shard_size)
-    counts = {split: (len(p["names"]), len(p["shard_bytes"]), p["skipped_files"]) for split, p in plans.items()}
+    counts = {split: (len(p["names"]), len(p["shard_bytes"])) for split, p in plans.items()}
     head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size, "identity": identity}
     tables = {split: npy_bytes(plan["table"]) for split, plan in plans.items()}
     index = dict(head, splits={split: {

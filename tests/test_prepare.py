@@ -407,7 +407,11 @@ def test_sort_val_refuses_hostile_input_in_one_line_and_touches_nothing(tmp_path
         (val, "--labels", tmp_path): f"--labels {tmp_path} is a folder, not a file",
         (val, "--labels", labels, "--out", image): f"--out {image} is a file, not a folder: give a new or sorted folder",
         (val, "--labels", labels, "--out", image / "x"): f"--out {image / 'x'}: {image} is a file, not a folder; give a folder",
+        (val, "--labels", tmp_path / "fifo"): f"--labels {tmp_path / 'fifo'} is not a regular file",
+        (val, "--labels", labels, "--meta", labels): f"--meta maps the devkit's ILSVRC2012_IDs, and {labels} names the "
+                                                     f"classes itself: leave --meta out",
     }
+    os.mkfifo(tmp_path / "fifo")  # reading it would wait for a writer for ever
     for args, line in cases.items():
         assert refused(capsys, "sort-val", *args) == f"error: {line}", args
     devkit = tmp_path / "truth.txt"
@@ -421,7 +425,7 @@ def test_sort_val_refuses_hostile_input_in_one_line_and_touches_nothing(tmp_path
     other.write_text("n00000001\n" * 50_000)
     assert refused(capsys, "sort-val", val, "--labels", other) == (
         f"error: {other} labels 50000 images but {val} holds 3: is it the label file of this val set?")
-    assert tree(tmp_path) == sorted(before + ["other.txt", "truth.txt"])
+    assert tree(tmp_path) == sorted(before + ["fifo", "other.txt", "truth.txt"])
 
 
 @pytest.mark.quick
@@ -456,6 +460,8 @@ def test_pack_refuses_hostile_input_in_one_line(tmp_path, capsys):
                                                        f"{os.path.join(root, 'train')}, which is packed: give a folder "
                                                        f"outside it",
     }
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    cases[(root, tmp_path / "link")] = f"OUT {tmp_path / 'link'} is a link to {tmp_path / 'gone'}, which does not exist"
     for (source, out), line in cases.items():
         assert refused(capsys, "pack", source, out) == f"error: {line}", (source, out)
     for size in ("0", "-1", "abc", "1XB"):
