@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import prepare
-from conftest import ROOT, make_folder, make_imagenet, photo
+from conftest import ROOT, make_imagenet, photo
 
 
 def run_prepare(*args):
