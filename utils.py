@@ -29,6 +29,10 @@ class DiskFull(Exception):
     """A file of the run did not fit on its disk (the previous version of it is kept)."""
 
 
+class DataError(Exception):
+    """A problem with the data itself (layout or file); the message names it and the fix."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed
 
@@ -424,6 +428,34 @@ def remove_stale_temporaries(folder):
     for name in os.listdir(folder):
         if name.startswith(".") and ".tmp." in name:
             os.remove(os.path.join(folder, name))
+
+
+READ_ATTEMPTS = 4  # a network file system's transient errors (EIO, ESTALE, timeouts) get 3 more tries
+READ_BACKOFF_SECONDS = 0.05  # doubled after each failed try: 0.05 + 0.1 + 0.2 s at most
+
+
+def read_retrying(read, what, fix, retries=None):
+    """read()'s bytes, tried again after an OSError, READ_ATTEMPTS times in all, then DataError naming
+    `what` and `fix`. `retries`: a multiprocessing.Value counting the retries of all loader workers
+    (torch's DataLoader passes nothing else back from them)."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read()
+        except OSError as e:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise DataError(f"cannot read {what}: {e.strerror or e} ({READ_ATTEMPTS} attempts; {fix})") from None
+            if retries is not None:
+                with retries.get_lock():
+                    retries.value += 1
+            time.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
+
+
+def read_file(path, retries=None):
+    """The bytes of the file `path`, read with retries (read_retrying)."""
+    def read():
+        with open(path, "rb") as f:
+            return f.read()
+    return read_retrying(read, f"image {path}", "check the file system, or remove the file", retries)
 
 
 def load_checkpoint(path, what="checkpoint", advice="resume from another one"):

@@ -1,7 +1,7 @@
 """Images per second of one loader worker (one core): decode + train transform, decode + val
 transform, this repo's pipeline against torchvision's ImageFolder with the textbook transforms
 (RandomResizedCrop / Resize + CenterCrop, flip, ToTensor, Normalize), on the same files. This
-repo's pipeline runs with each decoder: libjpeg-turbo (data.decode_rgb, the default) and PIL; and
+repo's pipeline runs with each decoder: libjpeg-turbo (transforms.decode_rgb, the default) and PIL; and
 the worker's share of `--decode gpu` (read the bytes, parse the header, draw the crop) is timed too,
 and each `--augment` (torchvision's ops after the crop, in the worker), and the training process's
 own batch augmentation (`--random-erase`, `--mixup`/`--cutmix`: per image of a batch, on the CPU).
@@ -9,10 +9,10 @@ own batch augmentation (`--random-erase`, `--mixup`/`--cutmix`: per image of a b
     python benchmarks/bench_data.py                    # writes 256 photo-like ImageNet-sized JPEGs
     python benchmarks/bench_data.py --data /imagenet/val --images 2000
 
-The same images are also read from a pack of them (`python data.py pack`: one positioned read per
-image, see data.py), and the files each pipeline opens per 1,000 images are counted.
+The same images are also read from a pack of them (`python prepare.py pack`: one positioned read per
+image, see shards.py), and the files each pipeline opens per 1,000 images are counted.
 
-What a worker does is timed whole: __getitem__ for every image, then the collation of batches (default_collate; data.collate for this repo)
+What a worker does is timed whole: __getitem__ for every image, then the collation of batches (default_collate; gpu_decode.collate for --decode gpu)
 (float32 batches for the textbook pipeline, uint8 or encoded ones for this one). Pipelines alternate A/B over
 several rounds in one process with one thread; the table shows the median round.
 """
@@ -35,6 +35,10 @@ from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import gpu_decode  # noqa: E402
+import prepare  # noqa: E402
+import shards  # noqa: E402
+import transforms  # noqa: E402
 
 
 def photo_like(seed, width=500, height=375):
@@ -72,13 +76,13 @@ def write_images(folder, count, classes=8):
 
 
 class Ours(torch.utils.data.Dataset):
-    """This repo's ImageFolder (or, with `pack`, the ShardFolder of that pack's train split) and
+    """This repo's ImageFolder (or, with `pack`, that pack's train split) and
     transform, addressed like TrainSampler does: (index, epoch); `images` of its samples at most,
     in a shuffled order (random access, as in training)."""
 
     def __init__(self, root, transform, images, pil_decode=False, decode="cpu", pack=None):
-        self.inner = data.ShardFolder(pack, "train", transform, decode=decode) if pack else \
-            data.ImageFolder(root, transform, decode=decode)
+        self.inner = data.open_split(pack, "train", transform, decode=decode, index=shards.read_index(pack)) if pack \
+            else data.ImageFolder(root, transform, decode=decode)
         self.pil_decode, self.decode = pil_decode, decode
         self.indices = list(range(len(self.inner)))
         random.Random(0).shuffle(self.indices)
@@ -92,7 +96,7 @@ class Ours(torch.utils.data.Dataset):
         if not self.pil_decode:
             return self.inner[(index, 0)]
         path, label = self.inner.samples[index]
-        return self.inner.transform(data.load_rgb(path), data.sample_rng(0, 0, index)), label
+        return self.inner.transform(transforms.load_rgb(path), transforms.sample_rng(0, 0, index)), label
 
 
 def pack_images(root, images, folder, shard_size):
@@ -104,15 +108,16 @@ def pack_images(root, images, folder, shard_size):
         link = os.path.join(folder, "source", "train", os.path.relpath(path, root))
         os.makedirs(os.path.dirname(link), exist_ok=True)
         os.symlink(os.path.abspath(path), link)
-    data.pack(os.path.join(folder, "source"), os.path.join(folder, "pack"), shard_size)
+    listed = {"train": data.ImageFolder(os.path.join(folder, "source", "train"), None)}
+    shards.pack(os.path.join(folder, "source"), os.path.join(folder, "pack"), listed, shard_size)
     return os.path.join(folder, "pack")
 
 
 def opens_per_1000(dataset, batch_size):
     """Files opened (open() and os.open()) per 1,000 images in one worker_pass of `dataset`, as a
     fresh process makes it (a pack's shards not yet open)."""
-    if hasattr(dataset, "inner") and hasattr(dataset.inner, "close"):
-        dataset.inner.close()
+    if getattr(getattr(dataset, "inner", None), "pack", None) is not None:
+        dataset.inner.pack.close()
     count, builtin_open, os_open = [0], builtins.open, os.open
 
     def counted(opener):
@@ -130,20 +135,20 @@ def opens_per_1000(dataset, batch_size):
 
 def worker_pass(dataset, batch_size):
     """What one loader worker does for the whole dataset: items, then collated batches."""
+    collate = gpu_decode.collate if data.decode_mode(dataset) == "gpu" else torch.utils.data.default_collate
     start = time.perf_counter()
     for first in range(0, len(dataset), batch_size):
-        data.collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))],
-                     decode=data.decode_mode(dataset))
+        collate([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
     return len(dataset) / (time.perf_counter() - start)
 
 
 def batch_pass(size, batch_size, options, batches=8):
-    """Images per second of data.augment_batch on normalised float CPU batches (the training
+    """Images per second of transforms.augment_batch on normalised float CPU batches (the training
     process's share, where it runs on the CPU; on a GPU only the copy of the noise is added)."""
     images, labels = torch.randn(batch_size, 3, size, size), torch.arange(batch_size) % 10
     start = time.perf_counter()
     for step in range(batches):
-        data.augment_batch(images, labels, 10, data.batch_seed(0, step, 0, 0), **options)  # erasing: in place
+        transforms.augment_batch(images, labels, 10, transforms.batch_seed(0, step, 0, 0), **options)  # in place
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -157,9 +162,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds; the median counts")
     parser.add_argument("--augments", nargs="*", default=["autoaugment", "randaugment", "trivialaugment", "augmix"],
-                        choices=data.AUGMENTS[1:], help="--augment rows to time")
-    parser.add_argument("--shard-size", type=data.parse_size, default=10 ** 9,
-                        help="shard size of the rows read from a pack (python data.py pack --shard-size)")
+                        choices=transforms.AUGMENTS[1:], help="--augment rows to time")
+    parser.add_argument("--shard-size", type=prepare.parse_size, default=10 ** 9,
+                        help="shard size of the rows read from a pack (python prepare.py pack --shard-size)")
     parser.add_argument("--json", default="bench_data.json", help="where to write the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -182,16 +187,20 @@ def main():
         n = args.images
         pipelines = {
             "train: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_train),
-            "train: data.py": Ours(root, data.TrainTransform(args.size), n),
-            "train: data.py, from shards (data.py pack)": Ours(root, data.TrainTransform(args.size), n, pack=pack),
-            "train: data.py, PIL decode": Ours(root, data.TrainTransform(args.size), n, pil_decode=True),
-            "train: data.py --decode gpu, worker's share": Ours(root, data.EncodedTrainTransform(args.size), n, decode="gpu"),
+            "train: data.py": Ours(root, transforms.TrainTransform(args.size), n),
+            "train: data.py, from shards (data.py pack)": Ours(root, transforms.TrainTransform(args.size), n, pack=pack),
+            "train: data.py, PIL decode": Ours(root, transforms.TrainTransform(args.size), n, pil_decode=True),
+            "train: data.py --decode gpu, worker's share": Ours(root, gpu_decode.EncodedTrainTransform(args.size), n,
+                                                                decode="gpu"),
             **{f"train: data.py --augment {name}{' (m9, mstd 0.5)' if name == 'randaugment' else ''}":
-               Ours(root, data.TrainTransform(args.size, augment=name, magnitude_std=0.5), n) for name in args.augments},
+               Ours(root, transforms.TrainTransform(args.size, augment=name, magnitude_std=0.5), n)
+               for name in args.augments},
             "val: torchvision ImageFolder + textbook": TorchvisionImageFolder(root, textbook_val),
-            "val: data.py": Ours(root, data.ValTransform(args.size, args.val_resize), n),
-            "val: data.py, from shards (data.py pack)": Ours(root, data.ValTransform(args.size, args.val_resize), n, pack=pack),
-            "val: data.py, PIL decode": Ours(root, data.ValTransform(args.size, args.val_resize), n, pil_decode=True),
+            "val: data.py": Ours(root, transforms.ValTransform(args.size, args.val_resize), n),
+            "val: data.py, from shards (data.py pack)": Ours(root, transforms.ValTransform(args.size, args.val_resize), n,
+                                                             pack=pack),
+            "val: data.py, PIL decode": Ours(root, transforms.ValTransform(args.size, args.val_resize), n,
+                                             pil_decode=True),
         }
         for dataset in pipelines.values():  # torchvision's: keep the --images that Ours reads, in its order
             if hasattr(dataset, "samples"):
@@ -207,12 +216,12 @@ def main():
                 rates[name].append(batch_pass(args.size, args.batch_size, options))
         opens = {name: opens_per_1000(pipelines[name], args.batch_size) for name in
                  ("train: torchvision ImageFolder + textbook", "train: data.py", "train: data.py, from shards (data.py pack)")}
-        shards = len(data.ShardFolder(pack, "train", None).shards)
+        shard_count = len(shards.ShardReader(pack, "train").paths)
     median = {name: statistics.median(r) for name, r in rates.items()}
     ratio = {"train": median["train: data.py"] / median["train: torchvision ImageFolder + textbook"],
              "val": median["val: data.py"] / median["val: torchvision ImageFolder + textbook"]}
     print(f"data: {note}; {args.size}px crops, val resize {args.val_resize}, batches of {args.batch_size}, "
-          f"1 thread, median of {args.rounds} rounds, JPEG decoder {data.JPEG_DECODER}")
+          f"1 thread, median of {args.rounds} rounds, JPEG decoder {transforms.JPEG_DECODER}")
     print("| pipeline | images/s per worker | range over rounds |")
     print("|---|---:|---:|")
     for name, value in median.items():
@@ -225,14 +234,14 @@ def main():
         print(f"| **from shards / from folders, {split}** (per round) | **{ratio[f'shards/folders, {split}']:.2f}x** | "
               f"{min(paired):.2f}-{max(paired):.2f}x |")
     print(f"\nfiles opened per 1,000 images, one pass over the {args.images} images in a shuffled order "
-          f"(the pack: {shards} shard(s) of at most {args.shard_size:,} bytes; each process opens a shard once):")
+          f"(the pack: {shard_count} shard(s) of at most {args.shard_size:,} bytes; each process opens a shard once):")
     print("| pipeline | opens per 1,000 images |")
     print("|---|---:|")
     for name, value in opens.items():
         print(f"| {name} | {value:.1f} |")
     with open(args.json, "w") as f:
         json.dump({"note": note, "args": vars(args), "rates": rates, "median": median, "ratio": ratio,
-                   "opens_per_1000": opens, "shards": shards}, f, indent=2)
+                   "opens_per_1000": opens, "shards": shard_count}, f, indent=2)
 
 
 if __name__ == "__main__":

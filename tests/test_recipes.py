@@ -12,8 +12,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import data
+import gpu_decode
 import recipes
 import train
+import transforms
 from conftest import make_imagenet, photo
 from test_resume import assert_same_run
 from test_train import SPY, read_metrics, run_train
@@ -94,9 +96,9 @@ def test_step_schedule_at_known_steps():
 
 def crop_flip_and_seed(img, rng, size):
     """What TrainTransform does before the augmentation op, and the seed it then gives the op."""
-    pixels = data.to_uint8_hwc(img)
-    box = data.random_resized_crop_box(pixels.shape[1], pixels.shape[0], rng)
-    x = data.resized_crop(pixels, box, size)
+    pixels = transforms.to_uint8_hwc(img)
+    box = transforms.random_resized_crop_box(pixels.shape[1], pixels.shape[0], rng)
+    x = transforms.resized_crop(pixels, box, size)
     if rng.random() < 0.5:
         x = x.flip(-1)
     return x, rng.getrandbits(63)
@@ -110,10 +112,10 @@ def crop_flip_and_seed(img, rng, size):
 ])
 def test_each_augmentation_equals_torchvisions_op(augment, op):
     img = Image.fromarray(photo(64, 48, seed=3))
-    transform, changed = data.TrainTransform(40, augment=augment), 0
+    transform, changed = transforms.TrainTransform(40, augment=augment), 0
     for index in range(6):
-        ours = transform(img, data.sample_rng(1, 2, index))
-        x, seed = crop_flip_and_seed(img, data.sample_rng(1, 2, index), 40)
+        ours = transform(img, transforms.sample_rng(1, 2, index))
+        x, seed = crop_flip_and_seed(img, transforms.sample_rng(1, 2, index), 40)
         torch.manual_seed(seed)
         assert torch.equal(ours, op()(x).permute(1, 2, 0))
         changed += not torch.equal(ours, x.permute(1, 2, 0))
@@ -122,13 +124,13 @@ def test_each_augmentation_equals_torchvisions_op(augment, op):
 
 def test_randaugment_magnitude_std_draws_each_op_a_magnitude():
     img = Image.fromarray(photo(64, 48, seed=4))
-    transform = data.TrainTransform(40, augment="randaugment", magnitude=9, magnitude_std=0.5)
+    transform = transforms.TrainTransform(40, augment="randaugment", magnitude=9, magnitude_std=0.5)
     bins = set()
     for index in range(6):
-        ours = transform(img, data.sample_rng(0, 0, index))
-        rng = data.sample_rng(0, 0, index)
+        ours = transform(img, transforms.sample_rng(0, 0, index))
+        rng = transforms.sample_rng(0, 0, index)
         x, seed = crop_flip_and_seed(img, rng, 40)
-        drawn = [data.randaugment_bin(rng.gauss(9, 0.5)) for _ in range(2)]  # after the op's seed
+        drawn = [transforms.randaugment_bin(rng.gauss(9, 0.5)) for _ in range(2)]  # after the op's seed
         torch.manual_seed(seed)
         for b in drawn:  # torchvision's RandAugment, one op at a time, each at its own magnitude
             x = T.RandAugment(1, b, 31, BILINEAR)(x)
@@ -138,15 +140,15 @@ def test_randaugment_magnitude_std_draws_each_op_a_magnitude():
 
 
 def test_randaugment_magnitude_maps_timms_scale_to_torchvisions_bins():
-    assert [data.randaugment_bin(m) for m in (0, 1, 9, 10, 12, -3, 9.2, 9.5)] == [0, 3, 27, 30, 30, 0, 28, 28]
+    assert [transforms.randaugment_bin(m) for m in (0, 1, 9, 10, 12, -3, 9.2, 9.5)] == [0, 3, 27, 30, 30, 0, 28, 28]
     for i in range(1001):  # half a bin at most: 1/60 of each op's largest change
         m = i / 100
-        assert abs(data.randaugment_bin(m) / 30 - m / 10) <= 1 / 60 + 1e-12
+        assert abs(transforms.randaugment_bin(m) / 30 - m / 10) <= 1 / 60 + 1e-12
 
 
 def test_random_erasing_equals_torchvisions_random_erasing():
     images = torch.randn(8, 3, 40, 48, generator=torch.Generator().manual_seed(1))
-    ours, _ = data.augment_batch(images.clone(), torch.zeros(8, dtype=torch.long), 3, seed=5, erase=0.6)
+    ours, _ = transforms.augment_batch(images.clone(), torch.zeros(8, dtype=torch.long), 3, seed=5, erase=0.6)
     torch.manual_seed(5)
     erase = T.RandomErasing(p=0.6, scale=(0.02, 1 / 3), ratio=(0.3, 10 / 3), value="random")  # timm's box range
     assert torch.equal(ours, torch.stack([erase(x.clone()) for x in images]))
@@ -161,19 +163,19 @@ def test_cutmix_and_mixup_equal_torchvisions_and_switch_per_batch():
     for seed in range(5):  # for a pair, the reversed batch (timm's partner) is torchvision's rolled one
         for alphas, reference in (({"cutmix_alpha": 1.0}, v2.CutMix(alpha=1.0, num_classes=3)),
                                   ({"mixup_alpha": 0.2}, v2.MixUp(alpha=0.2, num_classes=3))):
-            images, targets = data.augment_batch(pair.clone(), labels, 3, seed, **alphas)
+            images, targets = transforms.augment_batch(pair.clone(), labels, 3, seed, **alphas)
             torch.manual_seed(seed)
             expected_images, expected_targets = reference(pair.clone(), labels)
             assert torch.equal(images, expected_images) and torch.allclose(targets, expected_targets, atol=1e-7)
     batch = torch.randn(4, 3, 32, 40, generator=torch.Generator().manual_seed(3))
     kinds = []
     for seed in range(100):
-        images, targets = data.augment_batch(batch.clone(), torch.arange(4), 4, seed, mixup_alpha=0.2, cutmix_alpha=1.0)
+        images, targets = transforms.augment_batch(batch.clone(), torch.arange(4), 4, seed, mixup_alpha=0.2, cutmix_alpha=1.0)
         pasted = ((images == batch) | (images == batch.flip(0))).all().item()  # cutmix copies, mixup blends
         kinds.append(pasted)
         assert torch.allclose(targets.sum(1), torch.ones(4))
     assert 30 <= sum(kinds) <= 70  # one or the other per batch, at even odds
-    seeds = {data.batch_seed(0, step, rank, micro) for step in range(3) for rank in range(2) for micro in range(2)}
+    seeds = {transforms.batch_seed(0, step, rank, micro) for step in range(3) for rank in range(2) for micro in range(2)}
     assert len(seeds) == 12
 
 
@@ -239,15 +241,15 @@ def test_repeated_aug_continues_an_epoch_on_another_world_size(before, after):
 
 
 def test_progressive_size_is_a_pure_function_of_the_epoch():
-    sizes = [data.progressive_size(e, 128, 224, 300) for e in range(400)]
+    sizes = [transforms.progressive_size(e, 128, 224, 300) for e in range(400)]
     assert sizes[0] == 128 and sizes[100] == 160 and sizes[299] == 224 and set(sizes[300:]) == {224}
     assert all(s % 32 == 0 for s in sizes) and sizes == sorted(sizes)
     assert sorted(set(sizes)) == [128, 160, 192, 224]
-    assert {data.progressive_size(e, 128, 380, 300) for e in range(280, 400)} == {352, 380}  # never above the end
-    transform = data.TrainTransform(64, resize_from=32, resize_epochs=1.5)
-    encoded = data.EncodedTrainTransform(64, resize_from=32, resize_epochs=1.5)
+    assert {transforms.progressive_size(e, 128, 380, 300) for e in range(280, 400)} == {352, 380}  # never above the end
+    transform = transforms.TrainTransform(64, resize_from=32, resize_epochs=1.5)
+    encoded = gpu_decode.EncodedTrainTransform(64, resize_from=32, resize_epochs=1.5)
     img = Image.fromarray(photo(80, 60))
-    assert [transform(img, data.sample_rng(0, e, 0), e).shape[0] for e in range(3)] == [32, 64, 64]
+    assert [transform(img, transforms.sample_rng(0, e, 0), e).shape[0] for e in range(3)] == [32, 64, 64]
     assert [encoded.size_at(e) for e in range(3)] == [32, 64, 64]
 
 

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-import data
+import prepare
+import shards
 import utils
 from conftest import ROOT, make_imagenet
 from test_train import SPY, child_env, command, read_metrics, run_train
@@ -158,10 +159,10 @@ def test_sigusr1_to_one_rank_stops_both_then_resume_equals_uninterrupted(data_ro
 
 @pytest.fixture(scope="module")
 def pack(data_root, tmp_path_factory):
-    """data_root packed into shards of 16 kB (several per split): python data.py pack."""
+    """data_root packed into shards of 16 kB (several per split): python prepare.py pack."""
     out = str(tmp_path_factory.mktemp("pack"))
-    assert data.main(["pack", data_root, out, "--shard-size", "16kB"]) == 0
-    assert len(data.ShardFolder(out, "train", None).shards) > 2
+    assert prepare.main(["pack", data_root, out, "--shard-size", "16kB"]) == 0
+    assert len(shards.ShardReader(out, "train").paths) > 2
     return out
 
 

@@ -279,7 +279,7 @@ def test_decode_gpu_without_cuda_exits_2_with_one_line(tiny_data, tmp_path, caps
 
 
 FLAKY = """import os, sys
-import data, train
+import train, utils
 target, counter = os.environ["FLAKY_FILE"], os.environ["FLAKY_COUNTER"]
 real_open = open
 def flaky_open(path, *args, **kwargs):  # the first reads of `target` fail, in whichever worker
@@ -291,8 +291,8 @@ def flaky_open(path, *args, **kwargs):  # the first reads of `target` fail, in w
                 f.write(str(left - 1))
             raise OSError(5, "Input/output error", path)
     return real_open(path, *args, **kwargs)
-data.open = flaky_open
-data.READ_BACKOFF_SECONDS = 0.001
+utils.open = flaky_open
+utils.READ_BACKOFF_SECONDS = 0.001
 sys.exit(train.main())
 """
 
