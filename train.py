@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import launch
 import recipes
 import utils
 from efficientnet import SCALING, arch_config, canonical_arch, convert_state_dict, create_model, load_pretrained, member
@@ -292,7 +293,7 @@ def resolve_args(args, env=None, given=(), checkpoint=None):
     """Every setting, resolved (the run's own from `checkpoint` where the command line does not give
     them, else the arch-dependent defaults), and every check that needs neither the data set nor
     the checkpoint's tensors, before any work is done and before any folder is made."""
-    env = env or utils.Dist()
+    env = env or launch.Dist()
     given = recipes.before_checkpoint(args, given, checkpoint)
     check_flag_combinations(args, checkpoint)
     if checkpoint is not None:
@@ -629,13 +630,13 @@ def main(argv=None):
     args, given = parse_args(argv), given_flags(argv)
     with global_state_kept():
         try:
-            env = utils.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
+            env = launch.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
         except UsageError as e:  # srun's variables do not tell how to form the group
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
         except RuntimeError as e:  # torchrun's next restart (or the scheduler) takes over from here
             print(f"error: rank {os.environ.get('RANK')}: the process group did not form within --dist-timeout "
-                  f"{args.dist_timeout:g} s ({utils.first_line(e)}); start the job again (--resume auto continues "
+                  f"{args.dist_timeout:g} s ({launch.first_line(e)}); start the job again (--resume auto continues "
                   f"the run)", file=sys.stderr)
             return EXIT_PEER_LOST
         if env.launcher == "srun":
@@ -697,7 +698,7 @@ def exit_code(error, env, args):
         print(f"error: {message}", file=sys.stderr)  # every rank: the one that met it may not be rank 0
         return EXIT_USAGE
     if isinstance(error, torch.OutOfMemoryError):  # this rank's alone: it says so itself
-        print(f"error: rank {env.rank}: the GPU ran out of memory ({utils.first_line(error)}); lower --batch-size "
+        print(f"error: rank {env.rank}: the GPU ran out of memory ({launch.first_line(error)}); lower --batch-size "
               f"(keeping the global batch with --accum-steps) or add --grad-checkpointing", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(error, KeyboardInterrupt):  # before training started, or a second Ctrl-C
@@ -715,12 +716,12 @@ def exit_code(error, env, args):
             " (or move the folder and pass it as --output-dir), then rerun with --resume auto"
         say_error(env, f"error: {error}. Free space there{again}")
         return EXIT_DISK_FULL
-    if isinstance(error, RuntimeError) and env.world_size > 1 and utils.is_peer_failure(error):
+    if isinstance(error, RuntimeError) and env.world_size > 1 and launch.is_peer_failure(error):
         # Every rank that gets here says so: the one still running may not be rank 0.
         waited = any(word in str(error).lower() for word in ("timed out", "timeout"))
         what = (f"waited --dist-timeout {args.dist_timeout:g} s for another process, which is stopped, hung or "
                 f"unreachable" if waited else "lost another process, which crashed or whose host went down")
-        print(f"error: rank {env.rank} {what} ({utils.first_line(error)}); nothing was saved after the last "
+        print(f"error: rank {env.rank} {what} ({launch.first_line(error)}); nothing was saved after the last "
               f"checkpoint: rerun with --resume auto (exit code {EXIT_PEER_LOST})", file=sys.stderr)
         return EXIT_PEER_LOST
     raise error
@@ -791,7 +792,7 @@ class Run:
     `start` opens the run, `train_one_epoch` and `evaluate_and_save` move it on."""
     # set-up
     args: argparse.Namespace  # every setting, resolved (what args.json and the checkpoints hold)
-    env: utils.Dist
+    env: launch.Dist
     amp_dtype: torch.dtype = None  # autocast's dtype; None: float32
     # data
     train_set: torch.utils.data.Dataset = None
