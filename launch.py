@@ -194,14 +194,14 @@ def tasks_per_node(text):
 @contextlib.contextmanager
 def _quiet_cpp_log():
     """c10's logger writes each retry of a store connection to stderr with its C++ stack (~40 lines)
-    and reads TORCH_CPP_LOG_LEVEL only at import: so the set-up alone runs at its level FATAL. What
-    went wrong still reaches the caller, as the exception."""
+    and reads TORCH_CPP_LOG_LEVEL only at import: so the set-up alone runs at its level FATAL (unless
+    one was asked for). What went wrong still reaches the caller, as the exception."""
     try:
         level = ctypes.c_int.in_dll(ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")),
                                     "FLAGS_caffe2_log_level")
     except (OSError, ValueError):  # not Linux, or a build whose logger is glog: its level stays
         level = ctypes.c_int(0)
-    saved, level.value = level.value, max(level.value, 3)
+    saved, level.value = level.value, level.value if "TORCH_CPP_LOG_LEVEL" in os.environ else max(level.value, 3)
     try:
         yield
     finally:

@@ -140,8 +140,8 @@ def test_a_rank_that_cannot_reach_rank_0_says_where_it_waits_without_cpp_frames(
     group_variables(monkeypatch, port)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    level = ctypes.c_int.in_dll(ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")),
-                                "FLAGS_caffe2_log_level")
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+    level = c10_log_level()
     before = level.value
     with pytest.raises(dist.DistError) as info:
         launch.init_distributed(datetime.timedelta(seconds=2.5))  # a try to connect takes up to ~2 s
@@ -149,6 +149,24 @@ def test_a_rank_that_cannot_reach_rank_0_says_where_it_waits_without_cpp_frames(
     out, err = capfd.readouterr()
     assert out.startswith(f"rank 1: waiting for rank 0 at 127.0.0.1:{port}; giving up in ") and err == "", (out, err)
     assert level.value == before  # C++ warnings are quiet during the set-up only
+
+
+def c10_log_level():
+    return ctypes.c_int.in_dll(ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")),
+                               "FLAGS_caffe2_log_level")
+
+
+@pytest.mark.quick
+def test_the_set_up_keeps_a_cpp_log_level_asked_for(monkeypatch):
+    level = c10_log_level()
+    before = level.value
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+    with launch._quiet_cpp_log():
+        assert level.value == 3  # FATAL
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")  # asked for, to see the set-up's every step
+    with launch._quiet_cpp_log():
+        assert level.value == before
+    assert level.value == before
 
 
 @pytest.mark.quick
