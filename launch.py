@@ -240,12 +240,12 @@ def _wait(ready, whom, rank, deadline):
     note = time.monotonic() + FIRST_NOTE
     while not (result := ready()):
         now = time.monotonic()
-        if now >= deadline:
-            raise dist.DistStoreError(f"still waiting for {whom()}")
-        if now >= note:
-            print(f"rank {rank}: waiting for {whom()}; giving up in {deadline - now:.0f} s (--dist-timeout)",
+        if now >= note:  # also when a try to connect outlasted the deadline: the note comes first
+            print(f"rank {rank}: waiting for {whom()}; giving up in {max(deadline - now, 0):.0f} s (--dist-timeout)",
                   flush=True)
             note = now + NOTE_EVERY
+        if now >= deadline:
+            raise dist.DistStoreError(f"still waiting for {whom()}")
         time.sleep(0.1)
     return result
 
