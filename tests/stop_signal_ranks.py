@@ -10,9 +10,10 @@ import time
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import launch  # noqa: E402
 import utils  # noqa: E402
 
-env = utils.init_distributed()
+env = launch.init_distributed()
 started = [0]
 real_all_reduce = dist.all_reduce
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import efficientnet
+import launch
 import train
 import utils
 from conftest import ROOT, make_imagenet, randomize_
@@ -164,7 +165,7 @@ def test_ddp_keeps_gradients_in_its_buckets_and_does_not_broadcast_buffers():
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        env = utils.Dist(world_size=2)  # only its device matters to data_parallel
+        env = launch.Dist(world_size=2)  # only its device matters to data_parallel
         model = efficientnet.create_model("b0", num_classes=10)
         ddp = utils.data_parallel(model, env)
         assert not ddp.broadcast_buffers  # BatchNorm statistics: utils.broadcast_buffers before eval

@@ -12,6 +12,7 @@ import torch
 
 import prepare
 import shards
+import launch
 import utils
 from conftest import ROOT, make_imagenet
 from test_train import SPY, child_env, command, read_metrics, run_train
@@ -229,11 +230,11 @@ def test_restarted_group_does_not_read_the_dead_group_s_addresses(tmp_path):
     # The new rank 0 comes late, so that the new rank 1 would find only the dead one's address.
     script = tmp_path / "group.py"
     script.write_text(
-        "import os, signal, time, torch, torch.distributed as dist, utils\n"
+        "import os, signal, time, torch, torch.distributed as dist, launch\n"
         "attempt, rank = int(os.environ['TORCHELASTIC_RESTART_COUNT']), int(os.environ['RANK'])\n"
         "if attempt == 1 and rank == 0:\n"
         "    time.sleep(5)\n"
-        "env = utils.init_distributed(__import__('datetime').timedelta(seconds=60))\n"
+        "env = launch.init_distributed(__import__('datetime').timedelta(seconds=60))\n"
         "total = torch.ones(1)\n"
         "dist.all_reduce(total)\n"
         "print(f'attempt {attempt} rank {rank} sum {total.item():g}', flush=True)\n"
@@ -304,7 +305,7 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(data_root, tmp_path
 
 
 def test_nonfinite_watch_counts_runs_of_bad_steps():
-    env = utils.Dist()
+    env = launch.Dist()
     flags = [False, True, True, False, True, True, True, True, False, True]
     for limit, trip in ((1, 2), (3, 7), (4, 8), (5, None)):
         watch = utils.NonFiniteWatch(limit, "cpu")
@@ -342,7 +343,7 @@ def test_ctrl_c_saves_exits_130_without_traceback_then_resume_equals_uninterrupt
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    stop = utils.StopSignal(utils.Dist())
+    stop = utils.StopSignal(launch.Dist())
     try:
         stop._record(signal.SIGINT, None)
         assert stop.requested() and stop.name == "SIGINT"

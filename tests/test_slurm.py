@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import torch
 
+import launch
 import train
-import utils
 from conftest import make_imagenet
 from test_resume import assert_same_run, wait_for_line
 from test_train import child_env, command, run_train
@@ -78,6 +78,7 @@ def torchrun_run(data_root, tmp_path_factory):
 
 # ------------------------------------------------------------------------------- SLURM's variables
 
+@pytest.mark.quick
 @pytest.mark.parametrize("hostlist, hosts", [
     ("gpu[01-03,07],login2", ["gpu01", "gpu02", "gpu03", "gpu07", "login2"]),
     ("node-[3-4]", ["node-3", "node-4"]),
@@ -91,59 +92,68 @@ def torchrun_run(data_root, tmp_path_factory):
 def test_hostlist_expands_as_scontrol_show_hostnames(hostlist, hosts):
     # Each expected list but a[1-2]-b's is what SLURM 22.05's `scontrol show hostnames` printed
     # (it refuses a[1-2]-b, which some sites' names need).
-    assert utils.expand_hostlist(hostlist) == hosts
+    assert launch.expand_hostlist(hostlist) == hosts
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("hostlist", ["gpu[01-03", "gpu01]", "gpu[3-1]", "gpu[a-b]", "gpu[[1]]", "gpu[]", "a,,b", ""])
 def test_malformed_hostlist_is_refused(hostlist):
     with pytest.raises(ValueError):
-        utils.expand_hostlist(hostlist)
+        launch.expand_hostlist(hostlist)
 
 
+@pytest.mark.quick
 def test_tasks_per_node_expands_slurms_repeat_counts():
-    assert utils.tasks_per_node("8(x2),4") == [8, 8, 4]
-    assert utils.tasks_per_node("3") == [3]
+    assert launch.tasks_per_node("8(x2),4") == [8, 8, 4]
+    assert launch.tasks_per_node("3") == [3]
 
 
+@pytest.mark.quick
 def test_srun_task_of_two_nodes_gets_torchruns_variables():
     # Task 11 of 16 (2 nodes x 8): the second node, local rank 3; the step runs on 2 of the job's 8 nodes.
     task = srun_task(11, 16, SLURM_LOCALID="3", SLURM_NODEID="1", SLURM_STEP_TASKS_PER_NODE="8(x2)",
                      SLURM_JOB_NODELIST="gpu[01-08]", SLURM_STEP_NODELIST="gpu[07-08]")
-    assert utils.slurm_launch(task) == {"WORLD_SIZE": "16", "RANK": "11", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
-                                        "MASTER_ADDR": "gpu07", "MASTER_PORT": str(10000 + 123456 % 20000),
-                                        "OMP_NUM_THREADS": "1"}
+    assert launch.slurm_launch(task) == {"WORLD_SIZE": "16", "RANK": "11", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
+                                         "MASTER_ADDR": "gpu07", "MASTER_PORT": str(10000 + 123456 % 20000),
+                                         "OMP_NUM_THREADS": "1"}
     # Uneven nodes: the count of this node; without a step list, the job's first node.
-    uneven = srun_task(4, 5, SLURM_NODEID="1", SLURM_STEP_TASKS_PER_NODE="3,2", SLURM_JOB_NODELIST="node-[3-4]")
+    uneven = srun_task(4, 5, SLURM_LOCALID="1", SLURM_NODEID="1", SLURM_STEP_TASKS_PER_NODE="3,2",
+                       SLURM_JOB_NODELIST="node-[3-4]")
     del uneven["SLURM_STEP_NODELIST"]
-    launch = utils.slurm_launch(uneven)
-    assert (launch["LOCAL_WORLD_SIZE"], launch["MASTER_ADDR"]) == ("2", "node-3")
+    variables = launch.slurm_launch(uneven)
+    assert (variables["LOCAL_WORLD_SIZE"], variables["MASTER_ADDR"]) == ("2", "node-3")
 
 
+@pytest.mark.quick
 def test_master_addr_port_and_threads_set_by_hand_are_kept():
     task = srun_task(1, MASTER_ADDR="10.0.0.5", MASTER_PORT="29555", OMP_NUM_THREADS="6")
-    launch = utils.slurm_launch(task)
-    assert (launch["MASTER_ADDR"], launch["MASTER_PORT"]) == ("10.0.0.5", "29555") and "OMP_NUM_THREADS" not in launch
+    variables = launch.slurm_launch(task)
+    assert (variables["MASTER_ADDR"], variables["MASTER_PORT"]) == ("10.0.0.5", "29555")
+    assert "OMP_NUM_THREADS" not in variables
 
 
+@pytest.mark.quick
 def test_port_follows_the_job_id_in_a_fixed_range():
-    ports = {job: int(utils.slurm_launch(srun_task(0, SLURM_JOB_ID=str(job)))["MASTER_PORT"])
+    ports = {job: int(launch.slurm_launch(srun_task(0, SLURM_JOB_ID=str(job)))["MASTER_PORT"])
              for job in (0, 1, 19999, 20000, 20001, 987654321)}
     assert ports == {0: 10000, 1: 10001, 19999: 29999, 20000: 10000, 20001: 10001, 987654321: 10000 + 987654321 % 20000}
     assert all(10000 <= p < 30000 < 32768 for p in ports.values())  # below Linux's ephemeral ports
 
 
+@pytest.mark.quick
 def test_torchruns_variables_win_and_one_task_is_alone():
     # torchrun inside an sbatch allocation: its variables win, SLURM's are not read.
-    assert utils.slurm_launch(dict(srun_task(3, 16), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")) == {}
-    assert utils.slurm_launch(srun_task(0, 1)) == {}  # srun -n1 python train.py
+    assert launch.slurm_launch(dict(srun_task(3, 16), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")) == {}
+    assert launch.slurm_launch(srun_task(0, 1)) == {}  # srun -n1 python train.py
     # An salloc shell and the batch script itself carry the allocation's SLURM_NTASKS (the batch
     # script SLURM_PROCID=0 too, as SLURM 22.05 sets it) but no step: one plain process.
     salloc = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "gpu01"}
     batch = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
              "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_NODELIST": "gpu[01-02]"}
-    assert utils.slurm_launch(salloc) == {} and utils.slurm_launch(batch) == {}
+    assert launch.slurm_launch(salloc) == {} and launch.slurm_launch(batch) == {}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("remove, add, named", [
     (("SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"), {}, "neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST nor "
                                                         "MASTER_ADDR is set: export MASTER_ADDR="),
@@ -152,8 +162,14 @@ def test_torchruns_variables_win_and_one_task_is_alone():
     ((), {"SLURM_STEP_TASKS_PER_NODE": "8(x2"}, "SLURM_STEP_TASKS_PER_NODE=8(x2 is not a list of task counts"),
     ((), {"SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}, "SLURM_NODEID=2 but SLURM_STEP_TASKS_PER_NODE"),
     (("SLURM_PROCID",), {}, "SLURM_PROCID is not set, where srun sets a number: start train.py with srun"),
+    # contradictions: before, the group waited --dist-timeout for a task that cannot come (exit 4)
+    ((), {"SLURM_PROCID": "2"}, "SLURM_PROCID=2 but SLURM_STEP_NUM_TASKS=2: start train.py with srun"),
+    ((), {"SLURM_LOCALID": "2"}, "SLURM_LOCALID=2 but SLURM_STEP_TASKS_PER_NODE=2 gives node 0 2 task(s)"),
+    ((), {"SLURM_PROCID": "-1"}, "SLURM_PROCID is '-1', where srun sets a number"),
+    ((), {"SLURM_STEP_NUM_TASKS": "0"}, "SLURM_STEP_NUM_TASKS is '0', where srun sets a number of 1 or more"),
+    ((), {"MASTER_PORT": "70000"}, "WORLD_SIZE=2 but MASTER_PORT is 70000 (ports: 1-65535)"),
 ])
-def test_what_srun_lacks_exits_2_with_one_line_naming_it(remove, add, named, monkeypatch, capsys):
+def test_what_srun_lacks_or_contradicts_exits_2_with_one_line_naming_it(remove, add, named, monkeypatch, capsys):
     for name in (*TORCHRUN, *remove, *(k for k in os.environ if k.startswith("SLURM_"))):
         monkeypatch.delenv(name, raising=False)
     for name, value in srun_task(0, **add).items():
@@ -168,8 +184,8 @@ def test_what_srun_lacks_exits_2_with_one_line_naming_it(remove, add, named, mon
 def test_srun_tasks_form_the_group_with_torchruns_variables(tmp_path):
     script = tmp_path / "group.py"
     script.write_text(
-        "import json, os, torch, torch.distributed as dist, utils\n"
-        "env = utils.init_distributed()\n"
+        "import json, os, torch, torch.distributed as dist, launch\n"
+        "env = launch.init_distributed()\n"
         "total = torch.tensor([env.rank + 1]); dist.all_reduce(total)\n"
         "print(json.dumps({'rank': env.rank, 'local_rank': env.local_rank, 'world_size': env.world_size,\n"
         "                  'launcher': env.launcher, 'sum': int(total), 'threads': torch.get_num_threads(),\n"
