@@ -55,6 +55,7 @@ def test_a_stopped_rank_ends_the_run_after_dist_timeout_with_one_line(data_root,
     assert not (out / "last.pt").exists()
 
 
+@pytest.mark.quick
 def test_dist_timeout_must_be_positive(data_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         train.main(quick(data_root, tmp_path, "--dist-timeout", "0"))
@@ -87,6 +88,7 @@ def small_disk(tmp_path, monkeypatch):
         subprocess.run(["umount", str(folder)], check=True)
 
 
+@pytest.mark.quick
 def test_disk_full_while_saving_keeps_the_last_checkpoint_and_says_what_is_needed(data_root, small_disk, capsys):
     # A checkpoint of this model (B0, 3 classes, RMSprop) is 46 MB: the second does not fit beside the first.
     args = quick(data_root, small_disk, "--batch-size", "4", "--epochs", "1", "--save-every-steps", "1")
@@ -122,6 +124,7 @@ def test_resume_on_another_number_of_processes_uses_every_image_once(data_root, 
         resume = ["--resume", "auto"] if step == "second" else []
         env = {"SPY_DIR": str(spies[step]), "SPY_SIGTERM_AT": "2" if nproc == 2 else "4"} if step == "first" else \
             {"SPY_DIR": str(spies[step])}
+        env["OMP_NUM_THREADS"] = "1"  # as torchrun gives each of its processes: a second thread gains nothing here
         if step == "second" and after == 1:  # another global batch is refused, naming the fix
             fails_with(capsys, [*run, *resume, "--accum-steps", "1"], "the checkpoint's global batch is 4 (2 x 2 "
                        "process(es) x 1 accumulation), this run's 2 (2 x 1 x 1); the schedule and the sample order "
@@ -155,11 +158,13 @@ def test_resume_on_another_number_of_processes_uses_every_image_once(data_root, 
 
 # --------------------------------------------------------------------------------- bad input
 
+@pytest.mark.quick
 def test_sync_bn_on_the_cpu_is_refused(data_root, tmp_path, capsys):
     fails_with(capsys, quick(data_root, tmp_path, "--sync-bn"),
                "--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only); leave it off on the CPU")
 
 
+@pytest.mark.quick
 def test_resume_with_another_class_count_says_which_and_what_to_do(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     four = make_imagenet(tmp_path / "four", classes=("a", "b", "c", "d"), train=2, val=1)
@@ -172,6 +177,7 @@ def test_resume_with_another_class_count_says_which_and_what_to_do(data_root, tm
                f"data, or fine-tune from it with --weights CHECKPOINT (a new run)")
 
 
+@pytest.mark.quick
 def test_weights_that_are_not_a_torch_file(data_root, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("lr 0.08 worked best\n")
@@ -180,6 +186,7 @@ def test_weights_that_are_not_a_torch_file(data_root, tmp_path, capsys):
                f"(this repo's, torchvision's or timm's)")
 
 
+@pytest.mark.quick
 def test_data_that_is_a_file(data_root, tmp_path, capsys):
     some_file = tmp_path / "imagenet.tar"
     some_file.write_bytes(b"not a folder")
@@ -188,6 +195,7 @@ def test_data_that_is_a_file(data_root, tmp_path, capsys):
 
 # ------------------------------------------------------------- inputs that must never start a run
 
+@pytest.mark.quick
 @pytest.mark.parametrize("extra, message", [
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
@@ -202,6 +210,7 @@ def test_bad_numbers_are_refused_before_any_folder_is_made(data_root, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.quick
 def test_output_dir_that_cannot_be_a_folder_is_refused(data_root, tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
@@ -213,6 +222,7 @@ def test_output_dir_that_cannot_be_a_folder_is_refused(data_root, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.quick
 def test_more_classes_than_the_data_and_a_long_warmup_run_with_one_line_each(tmp_path, capsys):
     data_root, out = make_imagenet(tmp_path / "data", train=2, val=1), tmp_path / "run"
     (tmp_path / "data" / "train" / "a" / "notes.txt").write_text("where these came from")

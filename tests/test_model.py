@@ -28,6 +28,12 @@ def torchvision_model(arch):
     return getattr(torchvision.models, f"efficientnet_{arch}")()
 
 
+def shapes_only():
+    """Modules built on the meta device: every parameter's shape, no memory and no initialisation
+    (B7 and its torchvision twin in a third of the time)."""
+    return torch.device("meta")
+
+
 # The optimised paths also run on CUDA kernels (and under bf16 autocast and inductor) when a GPU
 # is present; CI has none, so there these cases are skipped and the CPU cases stand.
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,26 +54,32 @@ def bn_args(arch):
     return dict(bn_eps=1e-3, bn_momentum=0.01) if arch in ("b5", "b6", "b7") else {}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("arch", list(PARAMS))
 def test_parameter_counts_match_paper_and_torchvision(arch):
-    model = create_model(arch)
+    with shapes_only():
+        model, reference = create_model(arch), torchvision_model(arch)
     assert count(model) == PARAMS[arch]
-    assert count(torchvision_model(arch)) == PARAMS[arch]
+    assert count(reference) == PARAMS[arch]
     assert len(model.blocks) == BLOCKS[arch]
 
 
+@pytest.mark.quick
 def test_scaling_table_is_the_single_source():
     assert SCALING["b0"].resolution == 224 and SCALING["b7"].resolution == 600
     assert [SCALING[a].dropout for a in PARAMS] == [0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5]
-    assert create_model("b4").dropout.p == 0.4
-    assert create_model("b4", dropout=0.1).dropout.p == 0.1
+    with shapes_only():
+        assert create_model("b4").dropout.p == 0.4
+        assert create_model("b4", dropout=0.1).dropout.p == 0.1
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("value,expected", [(32, 32), (16, 16), (1280, 1280)])
 def test_round_filters_identity_at_width_one(value, expected):
     assert efficientnet.round_filters(value, 1.0) == expected
 
 
+@pytest.mark.quick
 def test_round_filters_rules():
     # B2 (width 1.1): 32 -> 35.2 -> 32 (within 10%); B4 (1.4): 1280 -> 1792; B7 (2.0): 16 -> 32.
     assert efficientnet.round_filters(32, 1.1) == 32
@@ -79,15 +91,18 @@ def test_round_filters_rules():
     assert efficientnet.round_repeats(3, 1.1) == 4 and efficientnet.round_repeats(1, 3.1) == 4
 
 
+@pytest.mark.quick
 def test_unknown_arch_names_valid_ones():
     with pytest.raises(ValueError) as info:
         create_model("b9")
     for arch in PARAMS:
         assert arch in str(info.value)
-    assert count(create_model("efficientnet_b1")) == PARAMS["b1"]
-    assert count(create_model("EfficientNet-B0")) == PARAMS["b0"]
+    with shapes_only():
+        assert count(create_model("efficientnet_b1")) == PARAMS["b1"]
+        assert count(create_model("EfficientNet-B0")) == PARAMS["b0"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("arch,size", [("b0", 64), ("b2", 64), ("b5", 48)])
 def test_torchvision_weights_give_torchvision_outputs(arch, size):
     reference = randomize_(torchvision_model(arch)).eval()
@@ -123,6 +138,7 @@ def timm_layout(torchvision_state):
     return out
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("arch,size", [("b0", 64), ("b2", 64), ("b5", 48)])
 def test_timm_layout_gives_torchvision_outputs(arch, size):
     reference = randomize_(torchvision_model(arch), seed=3).eval()
@@ -137,6 +153,7 @@ def test_timm_layout_gives_torchvision_outputs(arch, size):
         assert (model(x) - reference(x)).abs().max().item() < 1e-5
 
 
+@pytest.mark.quick
 def test_own_state_dict_round_trips_with_prefixes():
     model = randomize_(create_model("b0"))
     state = {"module." + k: v for k, v in model.state_dict().items()}
@@ -146,6 +163,7 @@ def test_own_state_dict_round_trips_with_prefixes():
         assert torch.equal(a, b), k
 
 
+@pytest.mark.quick
 def test_convert_errors_name_keys_and_layout():
     model = create_model("b0")
     with pytest.raises(ValueError, match=r"torchvision.*features\.9\.weight"):
@@ -158,9 +176,10 @@ def test_convert_errors_name_keys_and_layout():
         convert_state_dict({"fc.weight": torch.zeros(1)}, model)
 
 
+@pytest.mark.quick
 def test_drop_path_rates_are_linear_in_global_block_index():
-    model = create_model("b3", drop_path_rate=0.2)
-    reference = torchvision_model("b3")
+    with shapes_only():
+        model, reference = create_model("b3", drop_path_rate=0.2), torchvision_model("b3")
     tv_rates = [b.stochastic_depth.p for stage in reference.features[1:8] for b in stage]
     n = len(model.blocks)
     assert len(tv_rates) == n == 26
@@ -174,6 +193,7 @@ def test_drop_path_rates_are_linear_in_global_block_index():
     assert model.blocks[0].has_residual is False  # 32 -> 24 for b3: no shortcut in the first block
 
 
+@pytest.mark.quick
 def test_drop_path_is_per_sample_and_identity_in_eval():
     torch.manual_seed(0)
     drop = efficientnet.DropPath(0.5)
@@ -192,6 +212,7 @@ def test_drop_path_is_per_sample_and_identity_in_eval():
         assert torch.equal(model(x), model(x))
 
 
+@pytest.mark.quick
 def test_init_follows_tf_scheme():
     torch.manual_seed(0)
     model = create_model("b0")
@@ -211,6 +232,7 @@ def test_init_follows_tf_scheme():
         assert bound * 0.99 < weight.abs().max().item() <= bound
 
 
+@pytest.mark.quick
 def test_bn_settings_are_constructor_arguments():
     model = create_model("b0", bn_eps=1e-3, bn_momentum=0.01)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -220,6 +242,7 @@ def test_bn_settings_are_constructor_arguments():
                for m in create_model("b0").modules() if isinstance(m, nn.BatchNorm2d))
 
 
+@pytest.mark.quick
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     model = create_model("b0", num_classes=10)
@@ -230,6 +253,7 @@ def test_every_parameter_gets_a_gradient():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.quick
 def test_channels_last_matches_contiguous():
     model = randomize_(create_model("b0", num_classes=10)).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -243,6 +267,7 @@ def test_channels_last_matches_contiguous():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_bf16_autocast_forward_and_backward():
     model = create_model("b0", num_classes=10)
     x = torch.randn(2, 3, 64, 64)
@@ -258,7 +283,7 @@ def test_bf16_autocast_forward_and_backward():
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 def test_jit_trace_and_compile_graph():
     model = randomize_(create_model("b0", num_classes=10)).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)  # the graph is the same at any size; tracing and compiling take the time
     with torch.no_grad():
         ref = model(x)
         traced = torch.jit.trace(model, x)
@@ -273,6 +298,7 @@ def test_jit_trace_and_compile_graph():
     assert model.stem_conv.weight.grad is not None
 
 
+@pytest.mark.quick
 def test_grad_checkpointing_same_outputs_grads_and_bn_stats():
     torch.manual_seed(0)
     plain = create_model("b0", num_classes=10)
@@ -306,6 +332,7 @@ def test_file_works_alone_in_a_fresh_process(tmp_path):
     assert result.stdout.strip() == "(1, 3)"
 
 
+@pytest.mark.quick
 def test_sync_batchnorm_conversion_keeps_the_network():
     model = randomize_(create_model("b0", num_classes=10)).eval()
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(create_model("b0", num_classes=10)).eval()
@@ -351,6 +378,7 @@ def test_training_step_equals_torchvision(channels_last, lean, device):
         torch.testing.assert_close(ours[name], value, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.quick
 def test_fused_batchnorm_silu_gradcheck():
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -372,6 +400,7 @@ def bn_silu_step(bn, f, x, weight):
     return out, t.grad, bn.weight.grad, bn.bias.grad
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_batchnorm_silu_matches_the_two_modules(device):
     g = torch.Generator().manual_seed(0)
@@ -387,6 +416,7 @@ def test_fused_batchnorm_silu_matches_the_two_modules(device):
     assert bns[0].num_batches_tracked.item() == bns[1].num_batches_tracked.item() == 1
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_batchnorm_silu_in_bf16_as_accurate_as_the_two_modules(device):
     """bf16 input with float32 BatchNorm parameters (autocast's case): measured against float64,
@@ -404,6 +434,7 @@ def test_fused_batchnorm_silu_in_bf16_as_accurate_as_the_two_modules(device):
         assert fused_error <= 3 * plain_error + 1e-3 * e.abs().max().item(), (fused_error, plain_error)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gated_projection_equals_conv_of_gated_input(channels_last, device, exact_cuda):
@@ -495,6 +526,7 @@ def saved_activation_bytes(model, x):
     return sum(n for ptr, n in storages.items() if ptr not in params and ptr != x.untyped_storage().data_ptr())
 
 
+@pytest.mark.quick
 def test_activation_memory_below_torchvision_and_cut_by_checkpointing():
     # What autograd keeps between forward and backward, at 128 px (0.64 at 224, 0.665 at 64).
     x = torch.randn(2, 3, 128, 128).to(memory_format=torch.channels_last)
