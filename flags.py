@@ -11,6 +11,7 @@ import torch
 
 import data
 import recipes
+import transforms
 import utils
 from efficientnet import SCALING, arch_config, canonical_arch, member
 from utils import UsageError
@@ -145,7 +146,7 @@ def build_parser():
     g.add_argument("--data", help="ImageNet root (train/, val/), a pack, 'demo' or 'synthetic'")
     g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="training JPEGs decoded by the workers "
                    "or, in one nvJPEG call per batch, by the GPU")
-    g.add_argument("--augment", choices=data.AUGMENTS, default="none", help="torchvision's policy, in the workers")
+    g.add_argument("--augment", choices=transforms.AUGMENTS, default="none", help="torchvision's policy, in the workers")
     g.add_argument("--autoaugment", action="store_true", help="--augment autoaugment")
     g.add_argument("--randaugment-magnitude", type=float, default=9.0, metavar="M", help="timm's 0-10 scale")
     g.add_argument("--magnitude-std", type=float, default=0.0, metavar="S", help="RandAugment magnitude ~ N(M, S)")

@@ -30,7 +30,9 @@ from tqdm import tqdm
 
 import checkpoints
 import data
+import launch
 import recipes
+import transforms
 import utils
 from evaluate import evaluate_models
 from flags import parse, resolve_amp, resolve_args
@@ -86,13 +88,13 @@ def write_on_main(env, write, *args):
 def main(argv=None):
     args, given = parse(argv)
     try:
-        env = utils.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
+        env = launch.init_distributed(datetime.timedelta(seconds=args.dist_timeout))
     except UsageError as e:  # the launcher's variables do not tell how to form the group
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:  # torchrun's next restart (or the scheduler) takes over from here
         print(f"error: rank {os.environ.get('RANK')}: the process group did not form within --dist-timeout "
-              f"{args.dist_timeout:g} s ({utils.first_line(e)}); start the job again (--resume auto continues "
+              f"{args.dist_timeout:g} s ({launch.first_line(e)}); start the job again (--resume auto continues "
               f"the run)", file=sys.stderr)
         return EXIT_PEER_LOST
     if env.launcher == "srun":
@@ -121,7 +123,7 @@ def main(argv=None):
 def exit_code(error, env, args):
     """Say in one line on stderr what ended the run and return its exit code; errors that are not
     the input's, the machine's or a peer's propagate with their traceback."""
-    if isinstance(error, (UsageError, data.DataError)):
+    if isinstance(error, (UsageError, utils.DataError)):
         # A bad file met in a loader worker arrives wrapped in the worker's traceback: keep its last
         # line, without the "DataError: " that the traceback puts in front.
         message = str(error).strip().splitlines()[-1]
@@ -129,7 +131,7 @@ def exit_code(error, env, args):
         print(f"error: {message}", file=sys.stderr)  # every rank: the one that met it may not be rank 0
         return EXIT_USAGE
     if isinstance(error, torch.OutOfMemoryError):  # this rank's alone: it says so itself
-        print(f"error: rank {env.rank}: the GPU ran out of memory ({utils.first_line(error)}); lower --batch-size "
+        print(f"error: rank {env.rank}: the GPU ran out of memory ({launch.first_line(error)}); lower --batch-size "
               f"(keeping the global batch with --accum-steps) or add --grad-checkpointing", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(error, KeyboardInterrupt):  # before training started, or a second Ctrl-C
@@ -148,12 +150,12 @@ def exit_code(error, env, args):
         say_error(env, f"error: {error}. Free space there (or move the folder and pass it as --output-dir), "
                        f"then rerun with --resume auto")
         return EXIT_DISK_FULL
-    if isinstance(error, RuntimeError) and env.world_size > 1 and utils.is_peer_failure(error):
+    if isinstance(error, RuntimeError) and env.world_size > 1 and launch.is_peer_failure(error):
         # Every rank that gets here says so: the one still running may not be rank 0.
         waited = any(word in str(error).lower() for word in ("timed out", "timeout"))
         what = (f"waited --dist-timeout {args.dist_timeout:g} s for another process, which is stopped, hung or "
                 f"unreachable" if waited else "lost another process, which crashed or whose host went down")
-        print(f"error: rank {env.rank} {what} ({utils.first_line(error)}); nothing was saved after the last "
+        print(f"error: rank {env.rank} {what} ({launch.first_line(error)}); nothing was saved after the last "
               f"checkpoint: rerun with --resume auto (exit code {EXIT_PEER_LOST})", file=sys.stderr)
         return EXIT_PEER_LOST
     raise error
@@ -225,7 +227,7 @@ class Run:
     `start` opens the run, `train_one_epoch` and `evaluate_and_save` move it on."""
     # set-up
     args: argparse.Namespace  # every setting, resolved (what args.json and the checkpoints hold)
-    env: utils.Dist
+    env: launch.Dist
     amp_dtype: torch.dtype = None  # autocast's dtype; None: float32
     # data
     train_set: torch.utils.data.Dataset = None
@@ -522,12 +524,12 @@ def forward_backward(r, batches, meter):
 
 def augment_batch(r, images, labels, micro):
     """Random erasing, then mixup or cutmix, of a micro-batch on the device; each micro-batch draws
-    from its own seed, a function of (seed, step, rank, micro) (data.batch_seed)."""
+    from its own seed, a function of (seed, step, rank, micro) (transforms.batch_seed)."""
     args = r.args
     if not (args.random_erase or args.mixup or args.cutmix):
         return images, labels
-    seed = data.batch_seed(args.seed, r.step, r.env.rank, micro)
-    return data.augment_batch(images, labels, args.num_classes, seed, args.random_erase, args.mixup, args.cutmix)
+    seed = transforms.batch_seed(args.seed, r.step, r.env.rank, micro)
+    return transforms.augment_batch(images, labels, args.num_classes, seed, args.random_erase, args.mixup, args.cutmix)
 
 
 def report_interval(r, meter, bar, epoch, epoch_step, lr):

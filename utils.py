@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 
 import numpy as np
 import torch
