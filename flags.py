@@ -10,6 +10,7 @@ import sys
 import torch
 
 import data
+import launch
 import recipes
 import transforms
 import utils
@@ -50,6 +51,7 @@ RANGES = {
     "progressive_epochs": "(0, inf)", "workers": "[0, inf)", "seed": "[0, 2147483647]", "eval_every": "[0, inf)",
     "log_every": "[1, inf)", "save_every_steps": "[0, inf)", "run_epochs": "[0, inf)", "steps_per_epoch": "[0, inf)",
     "max_nonfinite": "[1, inf)", "keep_best": "[0, inf)", "top_k": "[1, inf)"}
+SCALES = {"randaugment_magnitude": " (timm's scale)"}
 # Flags that do nothing in some runs: (setting, when, why). Given there, they get a note.
 IDLE = (("decay_epochs", lambda a: a.sched != "step", "the schedule is --sched cosine"),
         ("decay_rate", lambda a: a.sched != "step", "the schedule is --sched cosine"),
@@ -192,6 +194,8 @@ def build_parser():
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     g.add_argument("--max-nonfinite", type=int, default=20, help="fp16: stop after this many skipped steps in a row")
     g.add_argument("--keep-best", type=int, default=0, metavar="N", help="keep the N best epochs' checkpoints")
+    g.add_argument("--dry-run", action="store_true", help="measure this run for a minute and project its time and "
+                   "memory; writes nothing")
     g = p.add_argument_group("evaluate (with --resume CHECKPOINT or --weights FILE)")
     g.add_argument("--evaluate", action="store_true", help="only evaluate on the val set")
     g.add_argument("--class-map", metavar="FILE|imagenet-index", help="label val folders by a file of folder names "
@@ -212,15 +216,20 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
 def parse(argv=None):
     """(train.py's settings as given, the names of those given)."""
-    return build_parser().parse_args(argv), given_flags(build_parser(), argv)
+    return parse_args(argv), given_flags(build_parser(), argv)
 
 
-def resolve_args(args, env, given=(), checkpoint=None, say=print):
+def resolve_args(args, env=None, given=(), checkpoint=None, say=print):
     """Every setting resolved (the run's own from `checkpoint` where the command line gives none,
     then the demo's, the recipe's, the arch's and the device's defaults) and checked, before any
     work is done and before any folder is made. Checks needing the data are in train.build_data."""
+    env = env or launch.Dist()
     typed, given = set(given), recipes.before_checkpoint(args, given, checkpoint)
     check_flag_combinations(args, checkpoint)
     if checkpoint is not None:
@@ -249,6 +258,8 @@ def resolve_args(args, env, given=(), checkpoint=None, say=print):
 
 
 def check_flag_combinations(args, checkpoint):
+    if args.dry_run and args.evaluate:
+        raise UsageError("--dry-run measures a training run; --evaluate alone measures the evaluation")
     if args.evaluate and not (args.resume or args.weights):
         raise UsageError("--evaluate needs --resume CHECKPOINT or --weights FILE")
     if args.resume and args.weights and (args.resume != "auto" or args.evaluate):
@@ -265,8 +276,12 @@ def check_flag_combinations(args, checkpoint):
         raise UsageError(f"{checkpoint['loaded_from']} averages {len(checkpoint['averaged_from'])} checkpoints and "
                          f"has no optimizer state to continue from: evaluate it (--evaluate --resume), or fine-tune "
                          f"from it with --weights {checkpoint['loaded_from']} (a new run)")
-    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (or leave the flag out)")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (or leave the flag "
+                             "out)") from None
     if args.decode == "gpu" and not args.evaluate and args.data in data.BUILT_IN_DATA:
         raise UsageError(f"--decode gpu decodes image files, and --data {args.data} has none; use --decode cpu")
 
@@ -284,7 +299,11 @@ def check_values(args):
             continue
         values = value if isinstance(value, list) else [value]
         if not all(in_range(v, interval) for v in values):
-            raise UsageError(f"{flag(name)} must be in {interval}, got {' '.join(map(str, values))}")
+            need = {"(-inf, inf)": "must be a finite number", "[0, inf)": "must not be negative",
+                    "(0, inf)": "must be positive", "[1, inf)": "must be positive"}.get(interval, f"must be in {interval}")
+            if not all(math.isfinite(v) for v in values):
+                need = "must be a finite number"
+            raise UsageError(f"{flag(name)} {need}{SCALES.get(name, '')}, got {' '.join(map(str, values))}")
     cores = len(os.sched_getaffinity(0))
     if getattr(args, "workers", None) is not None and args.workers > cores:
         raise UsageError(f"--workers {args.workers}: this process has {cores} cores, and workers beyond them only "
@@ -310,8 +329,8 @@ def take_run_settings(args, given, stored, names, say):
     for name in names:
         if name not in stored:
             continue  # a setting newer than the run: its default is what the run did (recipes.resolve)
-        if name in given:
-            if getattr(args, name) != stored[name]:
+        if name in given:  # (with --evaluate, a training setting is left to note_idle)
+            if getattr(args, name) != stored[name] and (name in EVALUATE_SETTINGS or not getattr(args, "evaluate", 0)):
                 changed.append(f"{flag(name)} {stored[name]} -> {getattr(args, name)}")
         elif name == "val_resize" and "image_size" in given:  # follows the new size, as its default does
             args.val_resize = args.image_size + 32
@@ -384,8 +403,8 @@ def check_device(args, env, say=print):
 
 def check_schedule(args, env, say):
     base_lr = args.lr * args.batch_size * env.world_size * args.accum_steps / 4096
-    if args.min_lr >= base_lr:
-        raise UsageError(f"--min-lr {args.min_lr:g} is not below the learning rate {base_lr:.6g} (--lr {args.lr:g} "
+    if args.min_lr > base_lr:
+        raise UsageError(f"--min-lr {args.min_lr:g} is above the learning rate {base_lr:.6g} (--lr {args.lr:g} "
                          f"per 4096 images, at this global batch): the schedule would climb; give a smaller --min-lr")
     if args.warmup_epochs >= args.epochs:
         say(f"warning: the warmup ({args.warmup_epochs:g} epochs) is not shorter than the run ({args.epochs} "
@@ -411,9 +430,7 @@ def check_output_dir(args):
     if not args.resume and os.path.exists(os.path.join(path, "last.pt")):
         raise UsageError(f"{path} already holds a run (last.pt): continue it with --resume auto, "
                          f"or choose another --output-dir")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = utils.existing_parent(path)
     if not os.path.isdir(existing):
         raise UsageError(f"--output-dir {path}: {existing} is a file, not a folder; choose another --output-dir")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -19,7 +19,9 @@ import copy
 import datetime
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import checkpoints
+import cost
 import data
 import launch
 import recipes
@@ -135,7 +138,7 @@ def exit_code(error, env, args):
               f"(keeping the global batch with --accum-steps) or add --grad-checkpointing", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(error, KeyboardInterrupt):  # before training started, or a second Ctrl-C
-        hint = ("nothing written; run the same command again" if args.evaluate else
+        hint = ("nothing written; run the same command again" if args.evaluate or args.dry_run else
                 f"nothing saved since the last checkpoint (continue with --resume auto --output-dir {args.output_dir})"
                 if args.output_dir else "nothing saved")
         print(f"error: interrupted: stopped at once, {hint}", file=sys.stderr)
@@ -166,9 +169,12 @@ def run(args, env, checkpoint):
     if checkpoint is not None and checkpoint["epoch"] >= args.epochs and not args.evaluate:
         log(env, f"the run in {args.output_dir} already finished its {args.epochs} epochs; nothing to do")
         return 0
+    started = time.perf_counter()
     r = build(args, env, checkpoint)
     if args.evaluate:
         return evaluate_only(r, checkpoint)
+    if args.dry_run:
+        return dry_run(r, checkpoint["epoch"] if checkpoint else 0, time.perf_counter() - started)
     r.lock = take_run_dir(args.output_dir, env)
     try:
         if checkpoint is not None:
@@ -380,6 +386,51 @@ def evaluate_only(r, checkpoint):
     figures = evaluate_models({"": r.eval_model, "ema_": ema}, r.val_loader, r.env, r.amp_dtype, len(r.val_set),
                               flip=args.eval_flip, real_labels=real)
     log(r.env, json.dumps({**counts, **figures}))
+    return 0
+
+
+def dry_run(r, start_epoch, build_seconds):
+    """--dry-run: does --batch-size fit (else the batch that does, cost.batch_that_fits); then the
+    run as configured for a few dozen steps after a warm-up, a slice of val, and one checkpoint
+    written to a temporary folder beside the output folder and removed: the figures measured and the
+    run projected from them (cost.py). No run folder, no file left."""
+    args, env = r.args, r.env
+    problem = cost.batch_that_fits(r.model, args, env, r.amp_dtype)
+    if problem:
+        raise UsageError(problem)
+    warmup, measured = cost.steps_to_measure(len(r.train_set) // r.global_batch)
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    r.train_sampler.set_epoch(start_epoch)
+    r.train_model.train()
+    batches, meter = iter(r.train_loader), Meter(r.loss_sum.clone())
+    for step in range(warmup + measured):
+        if step == warmup:
+            cost.sync(env.device)
+            meter.data_seconds, timed = 0.0, time.perf_counter()
+        optimizer_step(r, forward_backward(r, batches, meter))
+        r.step += 1
+        if step == 0:
+            loader_start = meter.data_seconds  # the wait for the first batch: the workers' start
+    cost.sync(env.device)
+    m = {"steps": measured, "step_seconds": (time.perf_counter() - timed) / measured, "build_seconds": build_seconds,
+         "data_seconds": meter.data_seconds, "loader_start": loader_start}
+    m["eval_start"], m["eval_batch_seconds"] = cost.eval_timing(r.eval_model, r.val_loader, r.amp_dtype, env.device)
+    folder = tempfile.mkdtemp(prefix=".dry-run-", dir=utils.existing_parent(args.output_dir)) if env.main else None
+    output_dir, args.output_dir, timed = args.output_dir, folder or args.output_dir, time.perf_counter()
+    try:
+        save(r, start_epoch, 0)
+        m["save_seconds"] = time.perf_counter() - timed
+    finally:
+        args.output_dir = output_dir
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    m["peak_memory_mb"] = cost.peak_memory_mb(env.device)
+    m = dict(zip(m, utils.all_reduce(torch.tensor(list(m.values()), dtype=torch.float64, device=env.device), env,
+                                     op=dist.ReduceOp.MAX).tolist()))  # the slowest rank sets the pace
+    figures = cost.project(m, args, env, r.steps_per_epoch, cost.val_batches(len(r.val_set), env.world_size,
+                           args.batch_size), args.epochs - start_epoch, start_epoch)
+    cost.report(figures, args, env, measured, lambda message: log(env, message))
     return 0
 
 

@@ -201,6 +201,14 @@ def remove_stale_temporaries(folder):
             os.remove(os.path.join(folder, name))
 
 
+def existing_parent(path):
+    """`path` itself when it exists, else its nearest ancestor that does."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 READ_ATTEMPTS = 4  # a network file system's transient errors (EIO, ESTALE, timeouts) get 3 more tries
 READ_BACKOFF_SECONDS = 0.05  # doubled after each failed try: 0.05 + 0.1 + 0.2 s at most
 

@@ -84,3 +84,15 @@ def make_imagenet(root, classes=("a", "b", "c"), train=4, val=3):
 
 
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(autouse=True)
+def torch_flags_kept():
+    """train.main sets process-wide kernel choices (cuDNN, TF32, deterministic mode) for its run;
+    each in-process test gets them back as they were."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    kept = cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = kept
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])

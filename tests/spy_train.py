@@ -12,6 +12,7 @@ import sys
 import torch
 
 import data
+import evaluate
 import train
 
 rank = int(os.environ.get("RANK", "0"))
@@ -45,7 +46,7 @@ if rank != 0:
         watch(os, name)
     watch(torch, "save")
 
-real_evaluate = train.evaluate
+real_evaluate = evaluate.evaluate
 evaluations = []
 
 
@@ -57,7 +58,7 @@ def spy_evaluate(model, *args, **kwargs):
     return result
 
 
-train.evaluate = spy_evaluate
+evaluate.evaluate = spy_evaluate
 
 # $SPY_NAN_STEPS="a-b": the loss of this process's a-th to b-th training steps (1-based) is NaN.
 if os.environ.get("SPY_NAN_STEPS"):

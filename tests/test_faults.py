@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+import optim
 import utils
 from conftest import make_imagenet
 from test_resume import rank_pid, start, wait_for_line
@@ -151,7 +152,7 @@ def test_resume_on_another_number_of_processes_uses_every_image_once(data_root, 
     assert (state["epoch"], state["epoch_step"], state["step"]) == (1, 0, 6)
     [row] = read_metrics(out)
     base_lr = 0.08 * 4 / 4096
-    assert row["lr"] == pytest.approx(train.lr_at(5, base_lr, warmup_steps=3, total_steps=12))
+    assert row["lr"] == pytest.approx(optim.lr_at(5, base_lr, warmup_steps=3, total_steps=12))
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(row["lr"])
     assert row["train_loss"] == pytest.approx(loss_per_step / 6, rel=1e-5)
 
@@ -200,7 +201,7 @@ def test_data_that_is_a_file(data_root, tmp_path, capsys):
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
     (["--mean", "0.5", "nan", "0.5"], "--mean must be a finite number, got 0.5 nan 0.5"),
-    (["--image-size", "0"], "--image-size must be positive, got 0"),
+    (["--image-size", "0"], "--image-size must be in [16, 4096], got 0"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must not be negative, got -1.0"),
     (["--num-classes", "2"], "--num-classes 2 is smaller than the 3 classes of --data"),
 ])
@@ -233,3 +234,54 @@ def test_more_classes_than_the_data_and_a_long_warmup_run_with_one_line_each(tmp
     assert "warning: the warmup (16 epochs) is not shorter than the run (1 epochs)" in stdout
     assert torch.load(out / "last.pt", weights_only=True)["model"]["classifier.weight"].shape[0] == 5
     assert not (out / ".lock").exists()  # the lock ends with the run
+
+
+# ------------------------------------------------- inputs that ran, silently wrong or runaway (issue 27)
+
+@pytest.mark.quick
+@pytest.mark.parametrize("extra, message", [
+    (["--min-lr", "1"], "--min-lr 1 is above the learning rate 7.8125e-05 (--lr 0.08 per 4096 images, at this global "
+                        "batch): the schedule would climb; give a smaller --min-lr"),
+    (["--repeated-aug", "100000"], "--repeated-aug 100000 repeats each image more often than a process has images "
+                                   "(24 over 1 process(es)): give 1 to 24"),
+    (["--predict", "photos"], "--predict is its own command now: python predict.py PATH ... --checkpoint CKPT"),
+    (["--top-k", "3"], "--top-k is its own command now: python predict.py"),
+    (["--average", "runs/a"], "--average is its own command now: python average.py RUN ... --output FILE"),
+])
+def test_settings_that_ran_wrong_are_refused_before_any_folder_is_made(data_root, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    try:
+        fails_with(capsys, quick(data_root, out, *extra), message)
+    except SystemExit as e:  # argparse's stage (the moved commands): the same one line, exit 2
+        assert e.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.quick
+def test_flags_without_effect_get_a_note(data_root, tmp_path, capsys):
+    args = quick(data_root, tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "1", "--decay-rate", "0.5",
+                 "--keep-best", "2", "--progressive-resize", "32", "--warmup-lr", "0.01", "--warmup-epochs", "0")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    for note in ("--decay-rate does nothing in this run: the schedule is --sched cosine",
+                 "--keep-best does nothing in this run: --eval-every 0 never evaluates",
+                 "--progressive-resize does nothing in this run: it starts at the train size",
+                 "--warmup-lr does nothing in this run: there is no warmup"):
+        assert f"note: {note}" in out
+    assert train.main(["--data", data_root, *TINY, "--evaluate", "--resume", str(tmp_path / "run" / "last.pt"),
+                       "--mixup", "0.2", "--epochs", "3", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "note: --epochs, --log-every, --mixup shape training and do nothing with --evaluate" in out and "changes" not in out
+
+
+def test_a_class_map_that_relabels_the_checkpoint_s_classes_is_refused(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(quick(data_root, out, "--epochs", "1", "--steps-per-epoch", "1")) == 0
+    capsys.readouterr()
+    evaluate = ["--data", data_root, *TINY, "--evaluate", "--resume", str(out / "last.pt"), "--workers", "0"]
+    (tmp_path / "same.txt").write_text("a\nb\nc\n")
+    assert train.main([*evaluate, "--class-map", str(tmp_path / "same.txt")]) == 0  # the checkpoint's own order
+    (tmp_path / "swapped.txt").write_text("b\na\nc\n")
+    fails_with(capsys, [*evaluate, "--class-map", str(tmp_path / "swapped.txt")],
+               f"--class-map {tmp_path / 'swapped.txt'} gives class b label 0, but the checkpoint was trained with "
+               f"it as label 1: list the class folders in the checkpoint's order (a, b, c, ...), or leave --class-map out")

@@ -9,6 +9,7 @@ import torch
 
 import data
 import gpu_decode
+import flags
 import train
 import transforms
 from conftest import make_folder, make_imagenet, photo
@@ -77,12 +78,11 @@ def test_device_decode_names_a_corrupt_jpeg(tmp_path):
 
 @pytest.mark.quick
 def test_decode_gpu_refuses_what_it_cannot_do(tmp_path):
-    import train  # the refusals are train.py's argument checks, before any data is read
-    root = make_imagenet(tmp_path)
-    for flags, message in ((["--data", root, "--autoaugment"], "--autoaugment runs in the loader workers"),
+    root = make_imagenet(tmp_path)  # the refusals are train.py's argument checks, before any data is read
+    for given, message in ((["--data", root, "--autoaugment"], "--augment autoaugment runs in the loader workers"),
                            (["--data", "demo"], "--data demo has none; use --decode cpu")):
         with pytest.raises(UsageError, match=message):
-            train.resolve_args(train.parse_args([*flags, "--decode", "gpu"]))
+            flags.resolve_args(flags.parse_args([*given, "--decode", "gpu"]))
     train_set, val_set = build_datasets(root, 32, 40, decode="gpu")
     assert isinstance(train_set.transform, gpu_decode.EncodedTrainTransform) and isinstance(val_set.transform, ValTransform)
     assert (train_set.decode, val_set.decode) == ("gpu", "cpu")  # the mode travels with the dataset, to its loaders

@@ -13,6 +13,8 @@ import torch.nn as nn
 import efficientnet
 import launch
 import train
+import flags
+import optim
 import utils
 from conftest import ROOT, make_imagenet, randomize_
 from test_model import exact_cuda  # noqa: F401 (a fixture: full float32 on CUDA)
@@ -37,11 +39,11 @@ def test_amp_auto_takes_bf16_only_where_the_gpu_has_it(monkeypatch, capability, 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
     monkeypatch.setattr(torch.version, "hip", None)
     device = torch.device("cuda", 3)
-    assert train.resolve_amp("auto", device) == expected
+    assert flags.resolve_amp("auto", device) == expected
     assert asked == [device]  # this rank's GPU, not the current default one
-    assert train.resolve_amp("bf16", device) == torch.bfloat16  # asked for: allowed (train.py notes the cost)
-    assert train.resolve_amp("fp16", device) == torch.float16
-    assert train.resolve_amp("auto", torch.device("cpu")) is None
+    assert flags.resolve_amp("bf16", device) == torch.bfloat16  # asked for: allowed (train.py notes the cost)
+    assert flags.resolve_amp("fp16", device) == torch.float16
+    assert flags.resolve_amp("auto", torch.device("cpu")) is None
 
 
 # ------------------------------------------------------------------------------ CUDA random state
@@ -79,7 +81,9 @@ def test_checkpoint_keeps_only_the_ranks_own_gpu_random_state(monkeypatch):
 def fp16_on_the_cpu(monkeypatch):
     """train.py refuses fp16 on the CPU (NaN gradients in PyTorch's CPU kernels); here only the
     GradScaler's bookkeeping is under test, so fp16 is let through."""
-    monkeypatch.setattr(train, "resolve_amp", lambda choice, device: torch.float16 if choice == "fp16" else None)
+    fake = lambda choice, device: torch.float16 if choice == "fp16" else None  # noqa: E731
+    monkeypatch.setattr(train, "resolve_amp", fake)
+    monkeypatch.setattr(flags, "resolve_amp", fake)
 
 
 def test_fp16_resume_of_a_run_without_gradscaler_starts_a_fresh_one(tiny_data, tmp_path, monkeypatch, capsys):
@@ -142,9 +146,9 @@ def test_fp16_step_syncs_only_without_a_fused_optimizer(monkeypatch, opt, syncs)
     train.py's SGD is fused on CUDA (here on the CPU, where torch has the same fused kernel);
     RMSprop has no fused form."""
     model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
-    args = train.parse_args(["--data", "x", "--opt", opt])
-    train.resolve_args(args)
-    optimizer = train.build_optimizer(model, args, 0.1, fused=True)
+    args = flags.parse_args(["--data", "x", "--opt", opt])
+    flags.resolve_args(args)
+    optimizer = optim.build_optimizer(model, args.opt, 0.1, args.weight_decay, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     scaled_step(optimizer, model, scaler, overflow=False)  # state (momentum) exists from here on
     before = copy.deepcopy(model.state_dict())

@@ -14,6 +14,8 @@ from torchvision.transforms import v2
 import data
 import gpu_decode
 import recipes
+import flags
+import optim
 import train
 import transforms
 from conftest import make_imagenet, photo
@@ -36,16 +38,15 @@ def test_rmsproptf_equals_timms_rmsproptf_over_20_steps():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     twin = copy.deepcopy(model)
-    args = SimpleNamespace(opt="rmsproptf", weight_decay=1e-2, no_bn_weight_decay=True)
-    ours = train.build_optimizer(model, args, lr=0.05)
-    assert isinstance(ours, train.utils.RMSpropTF) and [g["weight_decay"] for g in ours.param_groups] == [1e-2, 0.0]
+    ours = optim.build_optimizer(model, "rmsproptf", 0.05, weight_decay=1e-2, no_bn_weight_decay=True)
+    assert isinstance(ours, optim.RMSpropTF) and [g["weight_decay"] for g in ours.param_groups] == [1e-2, 0.0]
     theirs = RMSpropTF([{"params": [p for p in twin.parameters() if p.ndim > 1], "weight_decay": 1e-2},
                         {"params": [p for p in twin.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
                        lr=0.05, alpha=0.9, eps=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     start = [p.detach().clone() for p in model.parameters()]
     for step in range(20):
-        lr = train.lr_at(step, 0.05, 3, 20, warmup_lr=0.005, decay_steps=4, decay_rate=0.5)  # lr changes: the
+        lr = optim.lr_at(step, 0.05, 3, 20, warmup_lr=0.005, decay_steps=4, decay_rate=0.5)  # lr changes: the
         images, labels = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)  # buffer holds it
         for net, optimizer in ((model, ours), (twin, theirs)):
             for group in optimizer.param_groups:
@@ -58,7 +59,7 @@ def test_rmsproptf_equals_timms_rmsproptf_over_20_steps():
     moved = max((p - s).abs().max().item() for p, s in zip(model.parameters(), start))
     assert moved > 0.05  # the comparison saw real steps
     plain = copy.deepcopy(model)  # and TF's form is not torch's RMSprop under another name
-    a, b = train.build_optimizer(model, args, 0.05), torch.optim.RMSprop(plain.parameters(), 0.05, 0.9, 1e-3, 0, 0.9)
+    a, b = optim.build_optimizer(model, "rmsproptf", 0.05, 1e-2, True), torch.optim.RMSprop(plain.parameters(), 0.05, 0.9, 1e-3, 0, 0.9)
     for net, optimizer in ((model, a), (plain, b)):
         nn.functional.cross_entropy(net(images), labels).backward()
         optimizer.step()
@@ -67,22 +68,22 @@ def test_rmsproptf_equals_timms_rmsproptf_over_20_steps():
 
 def test_adamw_is_torchs_with_the_weight_decay_groups():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    adamw = train.build_optimizer(model, SimpleNamespace(opt="adamw", weight_decay=0.05, no_bn_weight_decay=True), 1e-3)
+    adamw = optim.build_optimizer(model, "adamw", 1e-3, weight_decay=0.05, no_bn_weight_decay=True)
     assert type(adamw) is torch.optim.AdamW
     assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in adamw.param_groups] == [(1, 0.05, 1e-3), (3, 0.0, 1e-3)]
 
 
 def test_step_schedule_at_known_steps():
     # timm-ra's shape on 10 steps per epoch: 3 warmup epochs from 1e-3, x0.97 every 2.4 epochs (24 steps)
-    lr = lambda step: train.lr_at(step, 0.1, 30, 4500, warmup_lr=1e-3, decay_steps=24, decay_rate=0.97)
+    lr = lambda step: optim.lr_at(step, 0.1, 30, 4500, warmup_lr=1e-3, decay_steps=24, decay_rate=0.97)
     assert lr(0) == pytest.approx(1e-3 + 0.099 / 30)  # the warmup starts from --warmup-lr
     assert lr(29) == pytest.approx(0.1)  # and reaches --lr at its last step
     assert lr(30) == pytest.approx(0.1 * 0.97)  # the staircase counts from step 0: 30 // 24 = 1 decay already
     assert lr(47) == pytest.approx(0.1 * 0.97)
     assert lr(48) == pytest.approx(0.1 * 0.97 ** 2)
     assert lr(4499) == pytest.approx(0.1 * 0.97 ** 187)
-    assert train.lr_at(4499, 0.1, 30, 4500, min_lr=1e-3, decay_steps=24, decay_rate=0.97) == 1e-3  # the floor
-    assert train.lr_at(5, 0.1, 10, 110) == pytest.approx(0.06)  # without warmup_lr, as before: 0.1 * 6 / 10
+    assert optim.lr_at(4499, 0.1, 30, 4500, min_lr=1e-3, decay_steps=24, decay_rate=0.97) == 1e-3  # the floor
+    assert optim.lr_at(5, 0.1, 10, 110) == pytest.approx(0.06)  # without warmup_lr, as before: 0.1 * 6 / 10
     # the run's arguments: --decay-epochs in whole steps, --lr and --warmup-lr per 4096 images
     r = SimpleNamespace(args=SimpleNamespace(sched="step", decay_epochs=2.4, decay_rate=0.97, min_lr=0.0, warmup_lr=0.0128),
                         steps_per_epoch=10, base_lr=0.0256, warmup_steps=50, total_steps=3500, global_batch=409.6 * 2)
@@ -180,21 +181,21 @@ def test_cutmix_and_mixup_equal_torchvisions_and_switch_per_batch():
 
 
 def test_autoaugment_flag_is_an_alias_and_old_checkpoints_keep_theirs(tiny_data, tmp_path):
-    args = train.parse_args(["--data", tiny_data, "--autoaugment", "--output-dir", str(tmp_path / "a")])
-    train.resolve_args(args, given={"data", "autoaugment", "output_dir"})
+    args = flags.parse_args(["--data", tiny_data, "--autoaugment", "--output-dir", str(tmp_path / "a")])
+    flags.resolve_args(args, given={"data", "autoaugment", "output_dir"})
     assert (args.augment, args.autoaugment) == ("autoaugment", True)
     with pytest.raises(UsageError, match="--autoaugment is --augment autoaugment and cannot go with --augment augmix"):
-        train.resolve_args(train.parse_args(["--data", tiny_data, "--autoaugment", "--augment", "augmix"]),
+        flags.resolve_args(flags.parse_args(["--data", tiny_data, "--autoaugment", "--augment", "augmix"]),
                            given={"data", "autoaugment", "augment"})
-    old = train.parse_args(["--image-size", "224"])  # a checkpoint from before --augment: its autoaugment stays on
+    old = flags.parse_args(["--image-size", "224"])  # a checkpoint from before --augment: its autoaugment stays on
     recipes.resolve(old, set(), {"args": {"autoaugment": True, "image_size": 224}})
     assert old.augment == "autoaugment"
     # The whole resolution of a resume, from a checkpoint written before --recipe and --augment existed.
-    stored = vars(train.resolve_args(train.parse_args(["--data", tiny_data, "--output-dir", str(tmp_path / "b")]),
+    stored = vars(flags.resolve_args(flags.parse_args(["--data", tiny_data, "--output-dir", str(tmp_path / "b")]),
                                      given={"data", "output_dir"}))
     stored = {k: v for k, v in stored.items() if k not in ("recipe", "augment", "random_erase", "cutmix")}
     stored["autoaugment"] = True
-    resumed = train.resolve_args(train.parse_args(["--resume", str(tmp_path / "b" / "last.pt")]), given={"resume"},
+    resumed = flags.resolve_args(flags.parse_args(["--resume", str(tmp_path / "b" / "last.pt")]), given={"resume"},
                                  checkpoint={"args": stored, "ema": None, "ranks": [{}]})
     assert (resumed.recipe, resumed.augment, resumed.random_erase, resumed.cutmix) == ("seed", "autoaugment", 0.0, 0.0)
     assert resumed.data == tiny_data and resumed.image_size == stored["image_size"]
@@ -320,7 +321,7 @@ def test_every_recipe_starts_runs_two_steps_and_prints_its_values(name, tiny_dat
 
 def test_recipe_and_augmentation_refusals_are_one_line(tiny_data, tmp_path, capsys):
     base = ["--data", tiny_data, "--output-dir", str(tmp_path / "x")]
-    for flags, message in (
+    for given, message in (
             (["--augment", "randaugment", "--decode", "gpu"], "--augment randaugment runs in the loader workers on "
                                                               "decoded pixels, which --decode gpu does not make; use "
                                                               "--decode cpu with --augment randaugment"),
@@ -328,12 +329,12 @@ def test_recipe_and_augmentation_refusals_are_one_line(tiny_data, tmp_path, caps
             (["--randaugment-magnitude", "11"], "--randaugment-magnitude must be in [0, 10] (timm's scale), got 11.0"),
             (["--progressive-resize", "16"], "--progressive-resize 16 must lie between 32 and the train size 224"),
             (["--decay-rate", "1.5"], "--decay-rate must be in (0, 1], got 1.5")):
-        assert train.main([*base, *flags]) == 2
+        assert train.main([*base, *given]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     for augment in ("autoaugment", "trivialaugment", "augmix"):
         with pytest.raises(UsageError, match=f"use --decode cpu with --augment {augment}"):
-            train.resolve_args(train.parse_args([*base, "--augment", augment, "--decode", "gpu"]))
+            flags.resolve_args(flags.parse_args([*base, "--augment", augment, "--decode", "gpu"]))
     with pytest.raises(UsageError, match="the run was started with --recipe seed; a run keeps its recipe"):
-        train.resolve_args(train.parse_args(["--recipe", "google"]), given={"recipe"},
+        flags.resolve_args(flags.parse_args(["--recipe", "google"]), given={"recipe"},
                            checkpoint={"args": {"recipe": "seed"}})

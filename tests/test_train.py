@@ -12,8 +12,11 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 
+import checkpoints
 import efficientnet
 import train
+import flags
+import optim
 import utils
 from conftest import ROOT, calibrate_bn_, make_imagenet, randomize_
 
@@ -75,15 +78,15 @@ def tiny_data(tmp_path_factory):
 # ------------------------------------------------------------------------------ pure functions
 
 def test_lr_schedule_warmup_and_cosine():
-    lr = lambda step: train.lr_at(step, base_lr=0.1, warmup_steps=10, total_steps=110)
+    lr = lambda step: optim.lr_at(step, base_lr=0.1, warmup_steps=10, total_steps=110)
     assert lr(0) == pytest.approx(0.01)  # first warmup step: 1/10 of the base
     assert lr(9) == pytest.approx(0.1)  # last warmup step reaches the base
     assert lr(10) == pytest.approx(0.1)  # cosine starts at the base
     assert lr(60) == pytest.approx(0.05)  # cosine midpoint: half
     assert lr(110) == pytest.approx(0.0, abs=1e-12) and 0 < lr(109) < 1e-4
-    assert train.lr_at(110, 0.1, 10, 110, min_lr=0.01) == pytest.approx(0.01)
-    assert train.lr_at(60, 0.1, 10, 110, min_lr=0.01) == pytest.approx(0.055)
-    assert train.lr_at(5, 0.1, 0, 10) == pytest.approx(0.05)  # no warmup: cosine from step 0
+    assert optim.lr_at(110, 0.1, 10, 110, min_lr=0.01) == pytest.approx(0.01)
+    assert optim.lr_at(60, 0.1, 10, 110, min_lr=0.01) == pytest.approx(0.055)
+    assert optim.lr_at(5, 0.1, 0, 10) == pytest.approx(0.05)  # no warmup: cosine from step 0
 
 
 def test_label_smoothing_and_mixup_losses_by_hand():
@@ -92,14 +95,14 @@ def test_label_smoothing_and_mixup_losses_by_hand():
              -1.0 - math.log(math.exp(2) + 1 + math.exp(-1))]
     # Smoothing 0.1 over 3 classes: target 0 gets 0.9 + 0.1/3, the others 0.1/3.
     expected = -((0.9 + 0.1 / 3) * log_p[0] + 0.1 / 3 * log_p[1] + 0.1 / 3 * log_p[2])
-    assert train.criterion(logits, torch.tensor([0]), 0.1).item() == pytest.approx(expected, rel=1e-6)
+    assert optim.criterion(logits, torch.tensor([0]), 0.1).item() == pytest.approx(expected, rel=1e-6)
     # Mixup 0.7 / 0.3 of classes 0 and 1, then smoothing: q = 0.9 * mix + 0.1 / 3.
     mix = [0.7, 0.3, 0.0]
     expected = -sum((0.9 * m + 0.1 / 3) * lp for m, lp in zip(mix, log_p))
     soft = torch.tensor([mix])
-    assert train.criterion(logits, soft, 0.1).item() == pytest.approx(expected, rel=1e-6)
+    assert optim.criterion(logits, soft, 0.1).item() == pytest.approx(expected, rel=1e-6)
     # bf16 logits are scored in float32.
-    assert train.criterion(logits.bfloat16(), torch.tensor([0]), 0.0).dtype == torch.float32
+    assert optim.criterion(logits.bfloat16(), torch.tensor([0]), 0.0).dtype == torch.float32
 
 
 def test_ema_update_follows_the_formula():
@@ -134,9 +137,8 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
     assert args["arch"] == "b0" and args["weight_decay"] == 1e-5 and args["dropout"] == 0.2
     assert (args["output_dir"], args["num_classes"], args["channels_last"], args["lean_activations"],
             args["amp"], args["batch_size"]) == (str(out), 3, False, True, "off", 4)  # resolved, not null
-    # Not given: the weights started from, the checkpoint resumed, and the after-training commands.
-    assert [k for k, v in args.items() if v is None] == ["weights", "resume", "predict", "output", "average",
-                                                         "export", "class_map", "real_labels"]
+    # Not given: the weights started from, the checkpoint resumed, and the evaluation-only files.
+    assert [k for k, v in args.items() if v is None] == ["weights", "resume", "class_map", "real_labels"]
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
@@ -145,7 +147,7 @@ def test_short_run_writes_outputs_and_evaluate_reproduces(tiny_data, tmp_path):
         assert 0 < row["data_seconds"] < row["epoch_seconds"]
     assert "data " in result.stdout.split("step 1/6")[1].splitlines()[0]  # the log line's data share, e.g. "data 3%"
     # The last step of the schedule (6 steps per epoch, 6 warmup steps, 12 in all) is step 11.
-    assert rows[-1]["lr"] == pytest.approx(train.lr_at(11, 0.08 * 4 / 4096, 6, 12))
+    assert rows[-1]["lr"] == pytest.approx(optim.lr_at(11, 0.08 * 4 / 4096, 6, 12))
     last = torch.load(out / "last.pt", weights_only=True)
     assert (last["epoch"], last["epoch_step"], last["step"]) == (2, 0, 12)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
@@ -254,7 +256,7 @@ def test_bad_input_exits_2_with_one_line(tiny_data, tmp_path, capsys):
     assert "invalid choice: 'adam'" in err and len(err.splitlines()) == 1
     fails_with(capsys, [*base, "--arch", "b9"], "unknown EfficientNet arch 'b9'; valid: b0, b1, b2, b3, b4, b5, b6, b7")
     fails_with(capsys, [*base, "--batch-size", "0"], "--batch-size must be positive, got 0")
-    fails_with(capsys, [*base, "--image-size", "-32"], "--image-size must be positive")
+    fails_with(capsys, [*base, "--image-size", "-32"], "--image-size must be in [16, 4096], got -32")
     fails_with(capsys, [*base, "--epochs", "0"], "--epochs must be positive")
     fails_with(capsys, [*base, "--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)")
     fails_with(capsys, [*base, "--val-resize", "24"], "--val-resize 24 is smaller than --image-size 32")
@@ -366,14 +368,14 @@ def test_finetune_from_weights_of_another_class_count(tiny_data, tmp_path, capsy
     source = randomize_(torchvision.models.efficientnet_b0(), seed=6).state_dict()
     torch.save(source, tmp_path / "tv_b0.pth")
     loaded = {}
-    real_load = train.load_pretrained
+    real_load = checkpoints.load_pretrained
 
     def spy(model, state_dict):  # the model as train.py starts from it
         skipped = real_load(model, state_dict)
         loaded.update({k: v.clone() for k, v in model.state_dict().items()})
         return skipped
 
-    monkeypatch.setattr(train, "load_pretrained", spy)
+    monkeypatch.setattr(checkpoints, "load_pretrained", spy)
     out = tmp_path / "run"
     args = ["--data", tiny_data, *TINY, "--output-dir", out, "--workers", "0", "--epochs", "1",
             "--steps-per-epoch", "1", "--eval-every", "0", "--weights", tmp_path / "tv_b0.pth"]
@@ -472,29 +474,27 @@ def test_tensorboard_without_the_package_is_refused_at_start(tiny_data, tmp_path
 
 # ------------------------------------------------------------------ what main leaves behind
 
-def test_main_gives_back_signal_handlers_and_torch_flags(tiny_data, tmp_path, capsys):
-    """In-process callers (tests, notebooks, the GPU check) get the process as it was: a timeout's
-    SIGTERM must still stop them, and TF32 / deterministic mode must not leak into later work."""
+def test_main_gives_back_signal_handlers_and_sets_kernel_choices_both_ways(tiny_data, tmp_path, capsys):
+    """In-process callers (tests, notebooks, the GPU check) get their signal handlers back (a
+    timeout's SIGTERM must still stop them), and each run gets its own kernel choices: a run after a
+    --deterministic one is not deterministic (conftest gives the flags back after each test)."""
     def handler(signum, frame):
         pass
     signal.signal(signal.SIGTERM, handler)
     saved = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]
-    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
-             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    flags = flags[:3] + (False,) + flags[4:]
-    cublas = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    base = [str(a) for a in ["--data", tiny_data, *TINY, "--workers", "0", "--epochs", "1", "--steps-per-epoch", "1"]]
     try:
-        assert train.main([str(a) for a in ["--data", tiny_data, *TINY, "--output-dir", tmp_path, "--workers", "0",
-                                            "--epochs", "1", "--steps-per-epoch", "1", "--deterministic"]]) == 0
-        assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)] == saved
-        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
-                torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled()) == flags
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        for deterministic in (True, False):
+            out = ["--output-dir", str(tmp_path / str(deterministic))]
+            assert train.main(base + out + (["--deterministic"] if deterministic else [])) == 0
+            assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)] == saved
+            assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                    torch.are_deterministic_algorithms_enabled()) == (not deterministic, deterministic, deterministic)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if cublas is not None:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def test_out_of_gpu_memory_is_one_line_naming_the_fixes(tiny_data, tmp_path, capsys, monkeypatch):
@@ -511,5 +511,5 @@ def test_out_of_gpu_memory_is_one_line_naming_the_fixes(tiny_data, tmp_path, cap
 @pytest.mark.parametrize("arch, batch", [("b0", 256), ("b3", 256), ("b4", 128), ("b5", 64), ("b6", 32),
                                          ("tf_efficientnet_b7", 32)])
 def test_default_batch_fits_an_80_gb_gpu_per_member(arch, batch):
-    assert train.resolve_args(train.parse_args(["--data", "demo", "--arch", arch])).batch_size == batch
-    assert train.resolve_args(train.parse_args(["--data", "demo", "--arch", arch, "--batch-size", "8"])).batch_size == 8
+    assert flags.resolve_args(flags.parse_args(["--data", "synthetic", "--arch", arch])).batch_size == batch
+    assert flags.resolve_args(flags.parse_args(["--data", "synthetic", "--arch", arch, "--batch-size", "8"])).batch_size == 8

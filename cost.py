@@ -1,0 +1,157 @@
+"""What a run will cost, measured before it starts: train.py --dry-run's batch search, timings and projection."""
+import json
+import math
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import utils
+
+WARMUP_STEPS, MEASURED_STEPS, EVAL_BATCHES = 5, 30, 10
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fits(model, batch, args, device, amp_dtype):
+    """Whether one micro-batch of `batch` random images goes forward and backward through `model`
+    (the unwrapped one: no collective, so that a rank which runs out of memory cannot hang the
+    others); gradients are dropped afterwards."""
+    images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(args.num_classes, (batch,), device=device)
+    model.train()
+    try:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        sync(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        images = labels = loss = None
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def largest_batch(fit, batch):
+    """The largest batch below `batch` for which `fit(b)` holds, found by trying: halve until one
+    fits, then bisect between it and the last that did not. 0 when not even 1 fits."""
+    low, high = 0, batch  # low fits (0 trivially), high does not
+    while high > 1 and low == 0:
+        if fit(high // 2):
+            low = high // 2
+        else:
+            high //= 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fit(middle) else (low, middle)
+    return low
+
+
+def global_advice(fit, batch, accum):
+    """--batch-size B --accum-steps A with B <= fit and B x A the same images per step as now."""
+    images = batch * accum
+    size = max(b for b in range(1, fit + 1) if images % b == 0)
+    return f"--batch-size {size} --accum-steps {images // size}"
+
+
+def batch_that_fits(model, args, env, amp_dtype):
+    """None when --batch-size fits on every rank; else the one-line answer: the largest batch that
+    fits, with and without --grad-checkpointing, and the --accum-steps that keep the global batch."""
+    fit = lambda b: fits(model, b, args, env.device, amp_dtype)  # noqa: E731
+    ok = utils.all_reduce(torch.tensor(int(fit(args.batch_size)), device=env.device), env, op=dist.ReduceOp.MIN)
+    if ok.item():
+        return None
+    answers, checkpointing = [], model.grad_checkpointing
+    for enable in ((checkpointing,) if checkpointing else (False, True)):
+        model.set_grad_checkpointing(enable)
+        found = largest_batch(fit, args.batch_size)
+        found = int(utils.all_reduce(torch.tensor(found, device=env.device), env, op=dist.ReduceOp.MIN).item())
+        how = "with --grad-checkpointing" if enable else "without --grad-checkpointing"
+        answers.append(f"{how} the largest that fits is {found} ({global_advice(found, args.batch_size, args.accum_steps)}"
+                       f" keeps the global batch)" if found else f"{how} not even a batch of 1 fits")
+    model.set_grad_checkpointing(checkpointing)
+    return (f"--batch-size {args.batch_size} does not fit in the {env.device.type} memory of a process (measured at "
+            f"{args.image_size}px): " + "; ".join(answers))
+
+
+def eval_timing(model, loader, amp_dtype, device, batches=EVAL_BATCHES):
+    """(seconds to the first batch, seconds per later batch) of the forward passes over the first
+    `batches` batches of `loader` (a slice of val)."""
+    model.eval()
+    start = time.perf_counter()
+    first, count = None, 0
+    with torch.no_grad():
+        for images, _ in loader:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                model(images)
+            sync(device)
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+            if count == batches:
+                break
+    rest = (time.perf_counter() - first) / (count - 1) if count > 1 else first - start
+    return first - start, rest
+
+
+def peak_memory_mb(device):
+    """The device's peak allocation (CUDA), or this process's peak resident size (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def project(m, args, env, steps_per_epoch, val_batches, epochs_left, start_epoch):
+    """The measured figures `m` -> the run's: per epoch (its loader start, steps, saves, and the
+    evaluation when it has one) and in all, start-up included."""
+    saves = 1 + (steps_per_epoch - 1) // args.save_every_steps if args.save_every_steps else 1
+    train = m["loader_start"] + steps_per_epoch * m["step_seconds"] + saves * m["save_seconds"]
+    evaluation = m["eval_start"] + val_batches * m["eval_batch_seconds"]
+    evaluated = sum(1 for e in range(start_epoch, start_epoch + epochs_left)
+                    if args.eval_every and ((e + 1) % args.eval_every == 0 or e + 1 == args.epochs))
+    rate = args.batch_size * env.world_size * args.accum_steps / m["step_seconds"]
+    return {"images_per_sec": rate, "images_per_sec_per_process": rate / env.world_size,
+            "data_share": m["data_seconds"] / (m["step_seconds"] * m["steps"]),
+            "peak_memory_mb": m["peak_memory_mb"], "epoch_seconds": train + (evaluation if evaluated else 0.0),
+            "run_seconds": m["build_seconds"] + epochs_left * train + evaluated * evaluation}
+
+
+def report(figures, args, env, steps, say):
+    """A few lines for people, then one JSON line with the same figures."""
+    f = figures
+    say(f"dry run: {steps} steps of {args.arch} at {args.image_size}px, batch {args.batch_size} x "
+        f"{env.world_size} process(es) x {args.accum_steps} accumulation, amp {args.amp}, {args.workers} worker(s)")
+    say(f"  {f['images_per_sec']:.1f} img/s in all, {f['images_per_sec_per_process']:.1f} per process; "
+        f"waiting for data {100 * f['data_share']:.0f}% of the step time")
+    say(f"  peak memory {f['peak_memory_mb']:.0f} MiB per {'GPU' if env.device.type == 'cuda' else 'process'}")
+    say(f"  an epoch {duration(f['epoch_seconds'])} (evaluation and saving included), the run "
+        f"{duration(f['run_seconds'])} ({args.epochs} epochs)")
+    say(json.dumps({k: round(v, 4) for k, v in f.items()}))
+
+
+def duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 72 * 3600 else f"{seconds / 86400:.1f} days"
+
+
+def steps_to_measure(available):
+    """(warm-up steps, measured steps) that one pass of the train set allows."""
+    warmup = min(WARMUP_STEPS, max(1, available // 4))
+    return warmup, max(1, min(MEASURED_STEPS, available - warmup))
+
+
+def val_batches(val_images, world_size, batch):
+    return math.ceil(math.ceil(val_images / world_size) / batch)
