@@ -2,6 +2,8 @@
 import json
 import math
 import resource
+import shutil
+import tempfile
 import time
 
 import torch
@@ -102,6 +104,26 @@ def eval_timing(model, loader, amp_dtype, device, batches=EVAL_BATCHES):
                 break
     rest = (time.perf_counter() - first) / (count - 1) if count > 1 else first - start
     return first - start, rest
+
+
+def time_save(save, args, env):
+    """Seconds that `save()` (collective) takes to write the run's checkpoint, written into a
+    temporary folder beside --output-dir, on its disk, and removed."""
+    folder = tempfile.mkdtemp(prefix=".dry-run-", dir=utils.existing_parent(args.output_dir)) if env.main else None
+    output_dir, args.output_dir, start = args.output_dir, folder or args.output_dir, time.perf_counter()
+    try:
+        save()
+        return time.perf_counter() - start
+    finally:
+        args.output_dir = output_dir
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def slowest(figures, env):
+    """Each figure's largest value over the ranks: the slowest rank sets the pace."""
+    values = torch.tensor(list(figures.values()), dtype=torch.float64, device=env.device)
+    return dict(zip(figures, utils.all_reduce(values, env, op=dist.ReduceOp.MAX).tolist()))
 
 
 def peak_memory_mb(device):

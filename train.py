@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet       # NVIDIA's B0 recipe
     python train.py --data demo                                          # a few CPU minutes, no ImageNet
+    torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet --dry-run  # its time and memory first
     torchrun --nproc_per_node=8 train.py --output-dir runs/b0 --resume auto  # continue a run
     python train.py --evaluate --resume runs/b0/best.pt                   # with the run's own settings
     python train.py --evaluate --weights efficientnet_b0.pth --data /imagenet
@@ -19,9 +20,7 @@ import copy
 import datetime
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -68,21 +67,6 @@ def say_error(env, message):
     """What ended the run, when every rank knows it: rank 0, stderr."""
     if env.main:
         print(message, file=sys.stderr, flush=True)
-
-
-def write_on_main(env, write, *args):
-    """Collective: rank 0 calls `write(*args)`, which writes a file of the run; a full disk there
-    raises DiskFull on every rank, so that all stop together. Doubles as a barrier: nobody exits
-    (and so gets the others killed by torchrun) before the write."""
-    problem = None
-    if env.main:
-        try:
-            write(*args)
-        except DiskFull as e:
-            problem = str(e)
-    problem = utils.broadcast_object(problem, env)
-    if problem:
-        raise DiskFull(problem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,18 +400,9 @@ def dry_run(r, start_epoch, build_seconds):
     m = {"steps": measured, "step_seconds": (time.perf_counter() - timed) / measured, "build_seconds": build_seconds,
          "data_seconds": meter.data_seconds, "loader_start": loader_start}
     m["eval_start"], m["eval_batch_seconds"] = cost.eval_timing(r.eval_model, r.val_loader, r.amp_dtype, env.device)
-    folder = tempfile.mkdtemp(prefix=".dry-run-", dir=utils.existing_parent(args.output_dir)) if env.main else None
-    output_dir, args.output_dir, timed = args.output_dir, folder or args.output_dir, time.perf_counter()
-    try:
-        save(r, start_epoch, 0)
-        m["save_seconds"] = time.perf_counter() - timed
-    finally:
-        args.output_dir = output_dir
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
+    m["save_seconds"] = cost.time_save(lambda: save(r, start_epoch, 0), args, env)
     m["peak_memory_mb"] = cost.peak_memory_mb(env.device)
-    m = dict(zip(m, utils.all_reduce(torch.tensor(list(m.values()), dtype=torch.float64, device=env.device), env,
-                                     op=dist.ReduceOp.MAX).tolist()))  # the slowest rank sets the pace
+    m = cost.slowest(m, env)
     figures = cost.project(m, args, env, r.steps_per_epoch, cost.val_batches(len(r.val_set), env.world_size,
                            args.batch_size), args.epochs - start_epoch, start_epoch)
     cost.report(figures, args, env, measured, lambda message: log(env, message))
@@ -477,8 +452,8 @@ def restore_ranks(r, ranks, then):
 def start(r):
     """Write args.json and the metrics so far, say what runs, and start listening for stop signals."""
     args, env = r.args, r.env
-    write_on_main(env, utils.write_json, os.path.join(args.output_dir, "args.json"), vars(args))
-    write_on_main(env, utils.write_jsonl, os.path.join(args.output_dir, "metrics.jsonl"), r.history)
+    utils.write_on_main(env, utils.write_json, os.path.join(args.output_dir, "args.json"), vars(args))
+    utils.write_on_main(env, utils.write_jsonl, os.path.join(args.output_dir, "metrics.jsonl"), r.history)
     log(env, f"EfficientNet-{args.arch}: {sum(p.numel() for p in r.model.parameters()):,} parameters, "
              f"{args.image_size}px (eval {args.val_resize} -> {args.image_size}), {args.num_classes} classes, "
              f"{env.world_size} process(es) on {env.device.type}, amp {r.amp_dtype or 'off'}, "
@@ -670,11 +645,11 @@ def evaluate_and_save(r, epoch, row):
     # (gloo may abort a rank whose peer tears the group down at that moment).
     stopping = r.stop.requested(now=True)
     save(r, epoch + 1, 0)
-    write_on_main(env, utils.write_jsonl, os.path.join(args.output_dir, "metrics.jsonl"), r.history)
+    utils.write_on_main(env, utils.write_jsonl, os.path.join(args.output_dir, "metrics.jsonl"), r.history)
     if is_best:
-        write_on_main(env, utils.copy_atomic, r.ckpt_path, os.path.join(args.output_dir, "best.pt"))
+        utils.write_on_main(env, utils.copy_atomic, r.ckpt_path, os.path.join(args.output_dir, "best.pt"))
     if args.keep_best and evaluated:
-        write_on_main(env, checkpoints.keep_best_checkpoints, args.output_dir, r.history, args.keep_best, r.ckpt_path)
+        utils.write_on_main(env, checkpoints.keep_best_checkpoints, args.output_dir, r.history, args.keep_best, r.ckpt_path)
     if r.tensorboard:
         r.tensorboard.add("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
     log(env, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -702,7 +677,7 @@ def save(r, epoch, epoch_step):
              "ranks": utils.gather_objects({"rng": utils.rng_state(r.env.device), "loss_sum": r.loss_sum.item(),
                                             "skipped": r.watch.skipped.item()}, r.env)}
     try:
-        write_on_main(r.env, utils.save_atomic, state, r.ckpt_path)
+        utils.write_on_main(r.env, utils.save_atomic, state, r.ckpt_path)
     except DiskFull as e:
         raise DiskFull(f"{e} ({r.kept()})") from None
 

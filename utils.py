@@ -77,6 +77,21 @@ def data_parallel(model, env):
                gradient_as_bucket_view=True, **no_buffer_sync)
 
 
+def write_on_main(env, write, *args):
+    """Collective: rank 0 calls `write(*args)`, which writes a file of the run; a full disk there
+    raises DiskFull on every rank, so that all stop together. Doubles as a barrier: nobody exits
+    (and so gets the others killed by torchrun) before the write."""
+    problem = None
+    if env.main:
+        try:
+            write(*args)
+        except DiskFull as e:
+            problem = str(e)
+    problem = broadcast_object(problem, env)
+    if problem:
+        raise DiskFull(problem)
+
+
 # ---------------------------------------------------------------------------------------------
 # Random state: every generator a run draws from, per rank
 
