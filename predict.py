@@ -57,13 +57,13 @@ def predict(args, given):
         print(f"note: --top-k {args.top_k}: the model has {args.num_classes} classes, so {k} per image", file=notes)
     start, errors = time.time(), {}
     rows = predict_files(model, files, names, k, args, device, errors)
-    lines = prediction_lines(rows, k, jsonl=bool(args.output) and args.output.lower().endswith(".jsonl"))
     if args.output:
-        text = "".join(lines)
+        text = io.StringIO()
+        write_predictions(rows, k, text, jsonl=args.output.lower().endswith(".jsonl"))
         with utils.writing(args.output):
-            utils.write_text(args.output, text)
+            utils.write_text(args.output, text.getvalue())
     else:
-        sys.stdout.writelines(lines)
+        write_predictions(rows, k, sys.stdout, jsonl=False)
     seconds = time.time() - start
     print(f"predicted {len(files)} files ({len(errors)} could not be read or decoded) in {seconds:.1f} s "
           f"({len(files) / seconds:.1f} img/s) with EfficientNet-{args.arch} at {args.image_size} px (resize "
@@ -103,10 +103,8 @@ def load_model(args, given, device, say):
 
 
 def list_images(paths):
-    """The files named, in order: a file as given; a folder's image files (by name, as the loaders
-    take them), searched recursively and sorted; a .txt file read as a list of paths, one a line,
-    relative to the list's folder. A path that does not exist raises DataError; a listed file that
-    cannot be read is reported by the prediction itself."""
+    """The files named, in order: a file as given; a folder's image files (as the loaders name them),
+    searched recursively and sorted; a .txt file's lines, paths relative to its folder."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -126,9 +124,8 @@ def list_images(paths):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Files to classify: (uint8 (S, S, 3) pixels through `transform`, index, "") per file, each read
-    and decoded once; for a file that cannot be read or decoded, black pixels and the reason, so that
-    the batch goes on and the caller reports it."""
+    """(uint8 (S, S, 3) pixels through `transform`, index, "") per file; for a file that cannot be read
+    or decoded, black pixels and the reason, so that the batch goes on and the caller reports it."""
 
     def __init__(self, paths, transform):
         self.paths, self.transform = paths, transform
@@ -173,24 +170,19 @@ def set_aside_errors(batches, errors):
         yield images, indices
 
 
-def prediction_lines(rows, k, jsonl):
-    """predict_files' rows -> the output's lines: JSON objects {"path", "classes", "probs", "error"},
-    or CSV with a header: path, class_1, prob_1, ..., class_k, prob_k, error."""
+def write_predictions(rows, k, out, jsonl):
+    """predict_files' rows into the text stream `out`, each as it comes: JSON lines {"path", "classes",
+    "probs", "error"}, or CSV with a header: path, class_1, prob_1, ..., class_k, prob_k, error."""
     if jsonl:
         for path, top, error in rows:
-            yield json.dumps({"path": path, "classes": [c for c, _ in top], "probs": [p for _, p in top],
-                              "error": error}) + "\n"
+            out.write(json.dumps({"path": path, "classes": [c for c, _ in top], "probs": [p for _, p in top],
+                                  "error": error}) + "\n")
         return
-    yield csv_line(["path", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "prob")), "error"])
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "prob")), "error"])
     for path, top, error in rows:
-        cells = [cell for name, p in top for cell in (name, f"{p:.6g}")] or [""] * (2 * k)
-        yield csv_line([path, *cells, error or ""])
-
-
-def csv_line(cells):
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(cells)
-    return buffer.getvalue()
+        writer.writerow([path, *([cell for name, p in top for cell in (name, f"{p:.6g}")] or [""] * (2 * k)),
+                         error or ""])
 
 
 if __name__ == "__main__":

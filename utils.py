@@ -323,11 +323,16 @@ def run_command(work, output):
     average.py, export.py. What stops it is one line on stderr; its writes are atomic, so an error
     or Ctrl-C leaves `output` as it was."""
     try:
-        return work()
+        code = work()
+        sys.stdout.flush()  # here, where a reader that left is caught
+        return code
     except (UsageError, DataError) as e:
         line, code = str(e), 2
+    except BrokenPipeError:  # stdout's reader left (e.g. | head): stop without a word, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return 141  # 128 + SIGPIPE, what a shell reports for such a tool
     except OSError as e:  # an input that cannot be read
-        line, code = f"cannot read {e.filename}: {e.strerror}", 2
+        line, code = f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e), 2
     except DiskFull as e:
         line, code = f"{e}. Free space there, then run the same command again", 5
     except KeyboardInterrupt:

@@ -283,6 +283,17 @@ def test_the_old_train_py_flags_name_the_new_commands(capsys):
         one_line(capsys, f"{flag} is its own command now: {command}")
 
 
+def test_predict_into_a_pipe_closed_early_stops_without_a_word(small):
+    """`python predict.py ... | head -1`: the reader leaves; exit 141 (128 + SIGPIPE), as Unix tools
+    do, and no traceback or 'Exception ignored' from the flush at exit."""
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), *map(str, command_line(
+        predict, small, "x")[:-2])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    child.stdout.close()
+    assert child.wait(timeout=120) == 141
+    err = child.stderr.read()
+    assert "Traceback" not in err and "Exception" not in err and "error" not in err, err
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize("command", [predict, average, export])
 def test_each_command_has_a_short_help(command, capsys):
