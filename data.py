@@ -23,7 +23,7 @@ import shards
 import utils
 from gpu_decode import EncodedTrainTransform
 from transforms import TrainTransform, ValTransform, decode_rgb, sample_rng
-from utils import DataError, read_file
+from utils import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,8 +128,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return self.transform(decode_rgb(name, encoded), rng, epoch), label
 
 
-# Other label orders and label sets for an ImageFolder's val set (train.py --evaluate), and the
-# plain file lists of --predict.
+# Other label orders and label sets for an ImageFolder's val set (train.py --evaluate).
 
 IMAGENET_INDEX = "imagenet-index"  # --class-map: folders named by their label, as ImageNet-V2's 0..999
 
@@ -198,48 +197,6 @@ def read_real_labels(path, dataset, num_classes):
         labels = real[row_of[os.path.basename(sample)]]
         table[i, :len(labels)] = torch.tensor(labels, dtype=torch.int64)
     return table
-
-
-def list_images(paths):
-    """The files that --predict names, in order: a file as given; a folder's image files (by name,
-    as the loaders take them), searched recursively and sorted; a .txt file read as a list of paths,
-    one a line, relative to the list's folder. A path that does not exist raises DataError; a listed
-    file that cannot be read is reported by the prediction itself."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path, followlinks=True)
-                           for name in names if is_image_name(name))
-            if not found:
-                raise DataError(f"--predict {path}: the folder holds no image files ({', '.join(IMG_EXTENSIONS)})")
-            files += found
-        elif os.path.isfile(path) and path.lower().endswith(".txt"):
-            listed = [text for _, text in read_label_lines(path, "expected one image path per line")]
-            files += [os.path.join(os.path.dirname(path), name) for name in listed]
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise DataError(f"--predict {path} does not exist")
-    return files
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Files to classify: (uint8 (S, S, 3) pixels through `transform`, index, "") per file, each read
-    and decoded once; for a file that cannot be read or decoded, black pixels and the reason, so that
-    the batch goes on and the caller reports it."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        path = self.paths[index]
-        try:
-            return self.transform(decode_rgb(path, read_file(path))), index, ""
-        except DataError as e:
-            return torch.zeros(self.transform.size, self.transform.size, 3, dtype=torch.uint8), index, str(e)
 
 
 class DemoShapes(torch.utils.data.Dataset):

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 
 import numpy as np
@@ -313,6 +314,55 @@ def refuse_overwriting(output, inputs, flag_name):
     if is_run and RUN_FILES.fullmatch(name):
         raise UsageError(f"{flag_name} {output} is a file of the run in {folder}, which needs it to resume; "
                          f"write elsewhere, e.g. {flag_name} {elsewhere}")
+
+
+def check_writable(path, flag_name="--output"):
+    """UsageError unless a command can write the file `path` (before any work): its folder exists and
+    this process may write there, and the path is not a folder or a broken link."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
+        problem = "is a folder" if os.path.isdir(path) else "is a broken link"
+    elif not os.path.isdir(folder):
+        problem = f"is in {folder}, which is {'a file' if os.path.exists(folder) else 'not there'}"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"is in {folder}, where this process may not write"
+    else:
+        return
+    raise UsageError(f"{flag_name} {path} {problem}: name a file in a folder you can write")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around the write of a command's output: an OSError other than a full disk (a read-only file
+    system, a permission taken away since check_writable) becomes a UsageError naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"cannot write {path} ({e.strerror or e}): write it elsewhere") from None
+
+
+def run_command(work, output):
+    """work()'s exit code, for a command whose result is `output` (None: stdout): predict.py,
+    average.py, export.py. What stops it is one line on stderr; its writes are atomic, so an error
+    or Ctrl-C leaves `output` as it was."""
+    try:
+        code = work()
+        sys.stdout.flush()  # here, where a reader that left is caught
+        return code
+    except (UsageError, DataError) as e:
+        line, code = str(e), 2
+    except BrokenPipeError:  # stdout's reader left (e.g. | head): stop without a word, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return 141  # 128 + SIGPIPE, what a shell reports for such a tool
+    except OSError as e:  # an input that cannot be read
+        line, code = f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e), 2
+    except DiskFull as e:
+        line, code = f"{e}. Free space there, then run the same command again", 5
+    except KeyboardInterrupt:
+        kept = f"nothing written to {output}" if output else "the predictions on stdout stop early"
+        line, code = f"interrupted: {kept}; run the same command again", 130
+    print(f"error: {line}", file=sys.stderr)
+    return code
 
 
 def write_text(path, text):

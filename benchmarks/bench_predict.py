@@ -1,7 +1,7 @@
-"""Throughput of `train.py --predict`: files read, decoded and resized by the loader workers, the
-model's top-5 per image, written as CSV. Generated 500x375 JPEGs (ImageNet's typical size) and
-random 1000-class weights (nothing is downloaded); each round is a train.py process of its own, and
-its rate is the one train.py prints (from the first batch asked for to the last row written).
+"""Throughput of `predict.py`: files read, decoded and resized by the loader workers, the model's
+top-5 per image, written as CSV. Generated 500x375 JPEGs (ImageNet's typical size) and random
+1000-class weights (nothing is downloaded); each round is a predict.py process of its own, and its
+rate is the one predict.py prints (from the first batch asked for to the last row written).
 
     python benchmarks/bench_predict.py                      # b0, 224 px, 512 images, 3 rounds
     python benchmarks/bench_predict.py --arch b3 --images 256 --rounds 5 -- --batch-size 64
@@ -41,13 +41,13 @@ def main():
     p.add_argument("--arch", default="b0")
     p.add_argument("--images", type=int, default=512, help="files predicted per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("extra", nargs="*", help="flags for train.py after --, e.g. --batch-size 64 --workers 2")
+    p.add_argument("extra", nargs="*", help="flags for predict.py after --, e.g. --batch-size 64 --workers 2")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         make_images(os.path.join(tmp, "images"), args.images)
         torch.manual_seed(0)
         torch.save(create_model(args.arch, 1000).state_dict(), os.path.join(tmp, "weights.pth"))
-        command = [sys.executable, os.path.join(ROOT, "train.py"), "--predict", os.path.join(tmp, "images"),
+        command = [sys.executable, os.path.join(ROOT, "predict.py"), os.path.join(tmp, "images"),
                    "--arch", args.arch, "--weights", os.path.join(tmp, "weights.pth"),
                    "--output", os.path.join(tmp, "predictions.csv"), *args.extra]
         rates = []

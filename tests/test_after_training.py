@@ -1,12 +1,16 @@
-"""After training: --predict, --keep-best and --average, --export, and the evaluation sets beyond
-ImageNet val (--class-map for ImageNet-V2's folders, --real-labels for ReaL, --eval-flip).
-References are computed here, independently: torchvision's transforms, eager models, hand counts."""
+"""After training: predict.py, --keep-best and average.py, export.py, their refusals of hostile input,
+and the evaluation sets beyond ImageNet val (--class-map for ImageNet-V2's folders, --real-labels for
+ReaL, --eval-flip). References are computed here, independently: torchvision's transforms, eager
+models, hand counts."""
 import csv
+import errno
 import glob
 import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,8 +18,13 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
+import average
+import checkpoints
+import export
+import predict
 import train
-from conftest import calibrate_bn_, make_folder, make_imagenet, photo, randomize_
+import utils
+from conftest import ROOT, calibrate_bn_, make_folder, make_imagenet, photo, randomize_
 from efficientnet import create_model
 from test_train import last_json, read_metrics, run_train
 
@@ -24,12 +33,13 @@ TINY = ["--image-size", "32", "--val-resize", "36", "--batch-size", "4", "--work
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def main(args):
-    return train.main([str(a) for a in args])
+def main(args, command=train):
+    """`command`.main (train.py's, or predict's, average's, export's) in this process."""
+    return command.main([str(a) for a in args])
 
 
 def eval_transform(size=32, resize=36):
-    """torchvision's eval pipeline: what --predict and --evaluate must reproduce."""
+    """torchvision's eval pipeline: what predict.py and --evaluate must reproduce."""
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(MEAN, STD)])
 
@@ -85,6 +95,31 @@ def varied(run_dir, data_root, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Cheap inputs: two images, 3-class weights for 32 px, two tiny checkpoints for average.py and a
+    run folder whose files are text (what makes a folder a run is its last.pt)."""
+    root = tmp_path_factory.mktemp("small")
+    make_folder(str(root / "images"), classes=("x",), per_class=2)
+    model = calibrate_bn_(randomize_(create_model("b0", num_classes=3), seed=2), size=32, seed=2)
+    torch.save(model.state_dict(), root / "w.pth")
+    for epoch in (1, 2):
+        torch.save({"model": {"w": torch.full((2,), float(epoch))}, "args": {"arch": "b0", "num_classes": 3},
+                    "epoch": epoch}, root / f"c{epoch}.pt")
+    os.makedirs(root / "run")
+    for name in ("last.pt", "metrics.jsonl"):
+        (root / "run" / name).write_text(name)
+    return root
+
+
+def command_line(command, small, output):
+    """A command of each kind that writes `output` from the small inputs."""
+    return {predict: [small / "images", "--weights", small / "w.pth", "--image-size", 32, "--val-resize", 36,
+                      "--workers", 0, "--top-k", 3, "--output", output],
+            average: [small / "c1.pt", small / "c2.pt", "--output", output],
+            export: [output, "--weights", small / "w.pth", "--image-size", 32, "--val-resize", 36]}[command]
+
+
 # ------------------------------------------------------------------------------ --keep-best
 
 def test_keep_best_keeps_the_best_epochs_of_the_metrics(run_dir):
@@ -106,7 +141,7 @@ def test_keep_best_links_the_new_epoch_in_and_deletes_the_ones_that_fall_out(tmp
     (tmp_path / "best-epoch2.pt.bak").write_text("not one of them")
     (tmp_path / "last.pt").write_text("epoch 3")
     history = [{"epoch": 1, "val_top1": 50.0}, {"epoch": 2, "val_top1": 40.0}, {"epoch": 3, "val_top1": 60.0}]
-    train.keep_best_checkpoints(str(tmp_path), history, 2, str(tmp_path / "last.pt"))
+    checkpoints.keep_best_checkpoints(str(tmp_path), history, 2, str(tmp_path / "last.pt"))
     assert sorted(p.name for p in tmp_path.glob("best-epoch*")) == ["best-epoch1.pt", "best-epoch2.pt.bak",
                                                                     "best-epoch3.pt"]
     assert (tmp_path / "best-epoch3.pt").read_text() == "epoch 3"
@@ -114,17 +149,17 @@ def test_keep_best_links_the_new_epoch_in_and_deletes_the_ones_that_fall_out(tmp
     # an unevaluated one neither.
     (tmp_path / "last.pt").write_text("epoch 4")
     history += [{"epoch": 4, "val_top1": 50.0}, {"epoch": 5}]
-    train.keep_best_checkpoints(str(tmp_path), history[:4], 2, str(tmp_path / "last.pt"))
-    train.keep_best_checkpoints(str(tmp_path), history, 2, str(tmp_path / "last.pt"))
+    checkpoints.keep_best_checkpoints(str(tmp_path), history[:4], 2, str(tmp_path / "last.pt"))
+    checkpoints.keep_best_checkpoints(str(tmp_path), history, 2, str(tmp_path / "last.pt"))
     assert sorted(p.name for p in tmp_path.glob("best-epoch*.pt")) == ["best-epoch1.pt", "best-epoch3.pt"]
     assert (tmp_path / "best-epoch1.pt").read_text() == "epoch 1"
 
 
-# --------------------------------------------------------------------------------- --predict
+# -------------------------------------------------------------------------------- predict.py
 
 def test_predict_agrees_with_evaluate_image_for_image(varied, data_root, tmp_path, capsys):
     val = os.path.join(data_root, "val")
-    assert main(["--predict", val, "--resume", varied, "--workers", 0, "--output", tmp_path / "p.csv"]) == 0
+    assert main([val, "--checkpoint", varied, "--workers", 0, "--output", tmp_path / "p.csv"], predict) == 0
     rows = read_csv((tmp_path / "p.csv").read_text())
     paths = sorted(os.path.join(val, c, f) for c in "abc" for f in os.listdir(os.path.join(val, c)))
     assert [row["path"] for row in rows] == paths
@@ -143,11 +178,11 @@ def test_predict_agrees_with_evaluate_image_for_image(varied, data_root, tmp_pat
     assert 0 < sum(hits) < len(hits)
     assert ours["top1"] == pytest.approx(100 * sum(hits) / len(hits))
     # stdout (the default) carries the same CSV and nothing else; JSON lines hold the same figures.
-    assert main(["--predict", val, "--resume", varied, "--workers", 0, "--top-k", 2]) == 0
+    assert main([val, "--checkpoint", varied, "--workers", 0, "--top-k", 2], predict) == 0
     out = capsys.readouterr()
     assert [[r["class_1"], r["class_2"]] for r in read_csv(out.out)] == [[r["class_1"], r["class_2"]] for r in rows]
     assert "predicted 9 files (0 could not be read or decoded)" in out.err
-    assert main(["--predict", val, "--resume", varied, "--workers", 0, "--output", tmp_path / "p.jsonl"]) == 0
+    assert main([val, "--checkpoint", varied, "--workers", 0, "--output", tmp_path / "p.jsonl"], predict) == 0
     objects = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [o["classes"] for o in objects] == [[r[f"class_{i}"] for i in (1, 2, 3)] for r in rows]
     assert [o["probs"] for o in objects] == [pytest.approx(p[o].tolist(), abs=1e-4) for p, o in zip(probs, order)]
@@ -164,8 +199,8 @@ def test_eval_flip_averages_the_softmax_of_each_image_and_its_mirror(varied, dat
     ours = last_json(capsys.readouterr().out)
     assert ours["top1"] == pytest.approx(100 * (probs.argmax(1) == labels).float().mean().item())
     assert ours["loss"] == pytest.approx(-probs[torch.arange(9), labels].log().mean().item(), rel=1e-5)
-    assert main(["--predict", val, "--resume", varied, "--workers", 0, "--eval-flip", "--top-k", 1,
-                 "--output", tmp_path / "p.jsonl"]) == 0
+    assert main([val, "--checkpoint", varied, "--workers", 0, "--eval-flip", "--top-k", 1,
+                 "--output", tmp_path / "p.jsonl"], predict) == 0
     objects = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [o["probs"][0] for o in objects] == pytest.approx(probs.max(1).values.tolist(), abs=1e-4)
 
@@ -178,20 +213,20 @@ def test_predict_names_imagenet_classes_for_1000_class_weights(tmp_path, capsys)
     torch.save(small.state_dict(), tmp_path / "five.pth")
     names = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
     assert len(names) == 1000 and names[0] == "tench"
-    flags = ["--predict", folder, "--image-size", 32, "--val-resize", 36, "--workers", 0, "--top-k", 3]
-    assert main([*flags, "--weights", tmp_path / "imagenet.pth"]) == 0
+    flags = [folder, "--image-size", 32, "--val-resize", 36, "--workers", 0, "--top-k", 3]
+    assert main([*flags, "--weights", tmp_path / "imagenet.pth"], predict) == 0
     rows = read_csv(capsys.readouterr().out)
     paths = [row["path"] for row in rows]
     expected = eager_logits(model, paths).topk(3, 1).indices
     assert [[row[f"class_{i}"] for i in (1, 2, 3)] for row in rows] == [[names[c] for c in top] for top in expected.tolist()]
     # Other class counts without a checkpoint's names: the label indices.
-    assert main([*flags, "--weights", tmp_path / "five.pth"]) == 0
+    assert main([*flags, "--weights", tmp_path / "five.pth"], predict) == 0
     rows = read_csv(capsys.readouterr().out)
     expected = eager_logits(small, paths).topk(3, 1).indices
     assert [[row[f"class_{i}"] for i in (1, 2, 3)] for row in rows] == [[str(c) for c in top] for top in expected.tolist()]
     # A note while the model loads (here: the name looks like Google's TF weights) goes to stderr.
     torch.save(small.state_dict(), tmp_path / "tf_five.pth")
-    assert main([*flags, "--weights", tmp_path / "tf_five.pth"]) == 0
+    assert main([*flags, "--weights", tmp_path / "tf_five.pth"], predict) == 0
     printed = capsys.readouterr()
     assert read_csv(printed.out) == rows and printed.out.startswith("path,") and "warning:" in printed.err
 
@@ -200,8 +235,8 @@ def test_predict_reports_an_undecodable_file_and_predicts_the_others(varied, tmp
     folder = make_folder(str(tmp_path / "images"), classes=("x",), per_class=2)
     (tmp_path / "images" / "x" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG at all")
     (tmp_path / "list.txt").write_text("images/x/x_1.jpeg\n\nimages/x/gone.jpeg\n")
-    assert main(["--predict", folder, tmp_path / "list.txt", "--resume", varied, "--workers", 1,
-                 "--output", tmp_path / "p.csv"]) == 0
+    assert main([folder, tmp_path / "list.txt", "--checkpoint", varied, "--workers", 1, "--batch-size", 4,
+                 "--output", tmp_path / "p.csv"], predict) == 0  # x_1 twice in one batch: the same figures
     rows = read_csv((tmp_path / "p.csv").read_text())
     names = [os.path.relpath(row["path"], tmp_path) for row in rows]
     assert names == ["images/x/broken.jpg", "images/x/x_0.jpeg", "images/x/x_1.jpeg", "images/x/x_1.jpeg",
@@ -212,24 +247,170 @@ def test_predict_reports_an_undecodable_file_and_predicts_the_others(varied, tmp
     assert rows[2]["class_1"] == rows[3]["class_1"] and rows[2]["prob_1"] == rows[3]["prob_1"]
 
 
-def test_predict_usage_errors_are_one_line(varied, tmp_path, capsys):
-    for args, message in [(["--predict", tmp_path / "none"], "--predict"),
-                          (["--predict", tmp_path, "--output", tmp_path / "p.txt"], "FILE.csv or FILE.jsonl"),
-                          (["--predict", tmp_path, "--evaluate"], "give one of --evaluate, --predict")]:
-        assert main([*args, "--resume", varied]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
-    assert main(["--predict", tmp_path]) == 2
-    assert "needs --resume CHECKPOINT" in capsys.readouterr().err
+def one_line(capsys, message):
+    """What the command said on stderr: one `error:` line holding `message`, no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    return err
 
 
-# -------------------------------------------------------------------------------- --average
+@pytest.mark.quick
+def test_predict_usage_errors_are_one_line(small, tmp_path, capsys):
+    for args, message in [([tmp_path / "none"], f"{tmp_path / 'none'} does not exist"),
+                          ([tmp_path, "--output", tmp_path / "p.txt"], "FILE.csv or FILE.jsonl"),
+                          ([tmp_path, "--weights", small / "w.pth"], "give --checkpoint CKPT or --weights FILE, not both"),
+                          ([tmp_path, "--top-k", 0], "--top-k must be in [1, inf), got 0"),
+                          ([small / "images", "--image-size", 40, "--val-resize", 36],
+                           "--val-resize 36 is smaller than --image-size 40")]:
+        assert main([*args, "--checkpoint", small / "c1.pt"], predict) == 2
+        one_line(capsys, message)
+    assert main([tmp_path], predict) == 2
+    one_line(capsys, "needs --checkpoint CKPT (a train.py checkpoint) or --weights FILE")
+
+
+def test_the_old_train_py_flags_name_the_new_commands(capsys):
+    """A real process for the exit code; --average and --export in this one."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--predict", "x"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: --predict is its own command now: python predict.py PATH ... --checkpoint CKPT " \
+                            "(see train.py --help)\n"
+    for flag, command in [("--average", "python average.py RUN ... --output FILE"),
+                          ("--export", "python export.py FILE.pt2 --checkpoint CKPT")]:
+        with pytest.raises(SystemExit) as info:
+            main([flag, "x"])
+        assert info.value.code == 2
+        one_line(capsys, f"{flag} is its own command now: {command}")
+
+
+def test_predict_into_a_pipe_closed_early_stops_without_a_word(small):
+    """`python predict.py ... | head -1`: the reader leaves; exit 141 (128 + SIGPIPE), as Unix tools
+    do, and no traceback or 'Exception ignored' from the flush at exit."""
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), *map(str, command_line(
+        predict, small, "x")[:-2])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    child.stdout.close()
+    assert child.wait(timeout=120) == 141
+    err = child.stderr.read()
+    assert "Traceback" not in err and "Exception" not in err and "error" not in err, err
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("command", [predict, average, export])
+def test_each_command_has_a_short_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"], command)
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.startswith(f"usage: python {command.__name__}.py ")
+    assert len(out.splitlines()) <= 40, out  # predict.py's 39: flags.py's shared model and device flags are 27
+
+
+# ------------------------------------------------------- hostile input to predict, average, export
+
+@pytest.mark.quick
+@pytest.mark.parametrize("command, name", [(predict, "p.csv"), (average, "avg.pt"), (export, "m.pt2")],
+                         ids=["predict", "average", "export"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, name, small, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Checked before the model is read: a missing model file would be named otherwise."""
+    flag = "export.py" if command is export else "--output"
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / name).mkdir()
+    (tmp_path / f"link-{name}").symlink_to(tmp_path / "nowhere")
+    for output, problem in [(tmp_path / "file" / name, f"is in {tmp_path / 'file'}, which is a file"),
+                            (tmp_path / "none" / name, f"is in {tmp_path / 'none'}, which is not there"),
+                            (tmp_path / name, "is a folder"), (tmp_path / f"link-{name}", "is a broken link")]:
+        args = [str(a).replace("w.pth", "missing.pth").replace("c1.pt", "missing.pt")
+                for a in command_line(command, small, output)]
+        assert main(args, command) == 2
+        one_line(capsys, f"{flag} {output} {problem}: name a file in a folder you can write")
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder, whoever runs the test
+    assert main(command_line(command, small, tmp_path / "out" / name), command) == 2
+    one_line(capsys, f"is in {tmp_path / 'out'}, where this process may not write")
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("command, name", [(predict, "p.csv"), (average, "avg.pt"), (export, "m.pt2")],
+                         ids=["predict", "average", "export"])
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC], ids=["read-only", "full"])
+def test_a_write_that_fails_is_one_line_and_leaves_the_old_file(command, name, code, small, tmp_path, capsys,
+                                                                monkeypatch):
+    """Past the checks, the file system refuses the write (read-only: exit 2, full: exit 5): one
+    line, the file that was there kept as it was, no temporary left."""
+    exit_code, said = {errno.EROFS: (2, "cannot write {output} (Read-only file system): write it elsewhere"),
+                       errno.ENOSPC: (5, "no space left in {folder} for {name}")}[code]
+    output = tmp_path / name
+    output.write_text("before")
+    if command is export:  # torch.export is tested below; here the model itself stands in for the program
+        monkeypatch.setattr(export, "write_pt2", lambda model, example, shapes, path: open(path, "wb").close() or model)
+
+    def refuse(src, dst):
+        raise OSError(code, os.strerror(code), src)
+    monkeypatch.setattr(os, "replace", refuse)
+    assert main(command_line(command, small, output), command) == exit_code
+    one_line(capsys, said.format(output=output, folder=tmp_path, name=name))
+    assert sorted(os.listdir(tmp_path)) == [name] and output.read_text() == "before"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("command, where", [(predict, "class_scores"), (average, "add_state"), (export, "load_model")])
+def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(command, where, small, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(command, where, interrupt)
+    output = tmp_path / {predict: "p.csv", average: "avg.pt", export: "m.pt2"}[command]
+    assert main(command_line(command, small, output), command) == 130
+    assert capsys.readouterr().err == f"error: interrupted: nothing written to {output}; run the same command again\n"
+    assert os.listdir(tmp_path) == []
+    if command is predict:  # the CSV on stdout
+        assert main(command_line(command, small, output)[:-2], command) == 130
+        one_line(capsys, "interrupted: the predictions on stdout stop early; run the same command again")
+
+
+@pytest.mark.quick
+def test_missing_or_corrupt_model_files_and_sources_are_one_line(small, tmp_path, capsys):
+    none, junk, cut = tmp_path / "none.pt", tmp_path / "junk.pt", tmp_path / "cut.pt"
+    junk.write_bytes(b"not a torch file at all")
+    cut.write_bytes((small / "w.pth").read_bytes()[:5000])
+    images, out, to = small / "images", tmp_path / "m.pt2", ["--output", tmp_path / "a.pt"]
+    for command, args, message in [
+            (predict, [images, "--checkpoint", none], f"checkpoint {none} does not exist"),
+            (predict, [images, "--weights", junk], f"--weights file {junk} is not a file that torch.save wrote"),
+            (predict, [images, "--weights", small / "w.pth", "--checkpoint", small / "c1.pt"], "not both"),
+            (export, [out, "--checkpoint", cut], f"checkpoint {cut} is corrupt or truncated"),
+            (export, [out, "--checkpoint", small / "w.pth"], "is not a train.py checkpoint (bare weights go to"),
+            (export, [out], "needs --checkpoint CKPT (a train.py checkpoint) or --weights FILE"),
+            (export, [tmp_path / "m.pt", "--weights", small / "w.pth"], "the file must be FILE.pt2"),
+            (average, [small / "c1.pt", cut, *to], f"checkpoint {cut} is corrupt or truncated"),
+            (average, [small / "c1.pt", small / "w.pth", *to], "is not a train.py checkpoint"),
+            (average, [small / "c1.pt", small / "c1.pt", *to], "needs two or more checkpoints")]:
+        assert main(args, command) == 2, args
+        one_line(capsys, message)
+    assert sorted(os.listdir(tmp_path)) == ["cut.pt", "junk.pt"]
+
+
+@pytest.mark.quick
+def test_predict_and_export_never_write_over_their_inputs_or_a_run(small, tmp_path, capsys):
+    photo, metrics = tmp_path / "photo.csv", small / "run" / "metrics.jsonl"
+    photo.write_bytes((small / "images" / "x" / "x_0.jpeg").read_bytes())  # an image, oddly named
+    (tmp_path / "w.pt2").write_bytes((small / "w.pth").read_bytes())  # weights, oddly named
+    before = {p: p.read_bytes() for p in [photo, tmp_path / "w.pt2", *(small / "run").iterdir()]}
+    for command, args, message in [
+            (predict, [photo, "--output", photo], f"--output {photo} is one of the inputs"),
+            (predict, [small / "images", "--output", metrics], f"--output {metrics} is a file of the run"),
+            (export, [tmp_path / "w.pt2"], f"export.py {tmp_path / 'w.pt2'} is one of the inputs")]:
+        assert main([*args, "--weights", tmp_path / "w.pt2"], command) == 2
+        assert "; write elsewhere, e.g. " in one_line(capsys, message)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+# -------------------------------------------------------------------------------- average.py
 
 def test_average_is_the_mean_tensor_for_tensor(run_dir, data_root, tmp_path, capsys):
     kept = sorted(run_dir.glob("best-epoch*.pt"))
     assert len(kept) == 2
     first, second = (torch.load(p, weights_only=True) for p in kept)
-    assert main(["--average", run_dir, "--output", tmp_path / "avg.pt"]) == 0
+    assert main([run_dir, "--output", tmp_path / "avg.pt"], average) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"1/2 {kept[0]}: epoch {first['epoch']}") and lines[1].startswith(f"2/2 {kept[1]}")
     assert "49 integer buffers (num_batches_tracked) as their largest value" in lines[2]
@@ -268,7 +449,7 @@ def test_average_refuses_checkpoints_of_another_model(run_dir, tmp_path, capsys)
     other = dict(checkpoint, args=dict(checkpoint["args"], arch="b1"))
     torch.save(other, tmp_path / "b1.pt")
     for path, word in [(tmp_path / "renamed.pt", "classes"), (tmp_path / "b1.pt", "arch")]:
-        assert main(["--average", run_dir / "last.pt", path, "--output", tmp_path / "avg.pt"]) == 2
+        assert main([run_dir / "last.pt", path, "--output", tmp_path / "avg.pt"], average) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: cannot average {path}") and f"another {word}" in err and err.count("\n") == 1
     assert not (tmp_path / "avg.pt").exists()
@@ -282,14 +463,14 @@ def test_average_never_writes_over_a_file_the_run_needs(run_dir, tmp_path, capsy
     for inputs, output in [([run_dir], run_dir / "last.pt"), ([run_dir], run_dir / "best.pt"),
                            ([run_dir / "last.pt", run_dir / "best.pt"], tmp_path / "link.pt"),
                            ([run_dir], run_dir / "metrics.jsonl")]:
-        assert main(["--average", *inputs, "--output", output]) == 2
+        assert main([*inputs, "--output", output], average) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --output {output} is ") and err.count("\n") == 1 and "write elsewhere" in err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     # A folder and one of its own files, or a link to one (best.pt is a hard link of the best
     # epoch's checkpoint), count once: the folder's two checkpoints, not four inputs.
     kept = sorted(run_dir.glob("best-epoch*.pt"))
-    assert main(["--average", run_dir, kept[0], tmp_path / "link.pt", "--output", tmp_path / "avg.pt"]) == 0
+    assert main([run_dir, kept[0], tmp_path / "link.pt", "--output", tmp_path / "avg.pt"], average) == 0
     out = capsys.readouterr().out
     assert "averaged 2 checkpoints" in out and "2/2" in out and "/3" not in out and "/4" not in out
     assert main(["--evaluate", "--resume", run_dir / "last.pt", "--workers", 0]) == 0
@@ -297,9 +478,9 @@ def test_average_never_writes_over_a_file_the_run_needs(run_dir, tmp_path, capsy
 
 def test_average_onto_a_full_disk_says_so_in_one_line_exit_5(run_dir, tmp_path, monkeypatch, capsys):
     def full(state, path):
-        raise train.utils.DiskFull(f"no space left in {tmp_path} for avg.pt: it needs about 81 MB, 2 MB are free")
-    monkeypatch.setattr(train.utils, "save_atomic", full)
-    assert main(["--average", run_dir / "last.pt", run_dir / "best.pt", "--output", tmp_path / "avg.pt"]) == 5
+        raise utils.DiskFull(f"no space left in {tmp_path} for avg.pt: it needs about 81 MB, 2 MB are free")
+    monkeypatch.setattr(utils, "save_atomic", full)
+    assert main([run_dir / "last.pt", run_dir / "best.pt", "--output", tmp_path / "avg.pt"], average) == 5
     err = capsys.readouterr().err
     assert err == (f"error: no space left in {tmp_path} for avg.pt: it needs about 81 MB, 2 MB are free. Free space "
                    f"there, then run the same command again\n")
@@ -307,13 +488,13 @@ def test_average_onto_a_full_disk_says_so_in_one_line_exit_5(run_dir, tmp_path, 
 
 def test_an_export_that_differs_from_eager_is_refused_in_one_line():
     x = torch.ones(2, 3)
-    train.check_exported(lambda batch: batch + 1e-4, [x], [x], "m.pt2")  # within the tolerance
-    with pytest.raises(train.UsageError, match=r"the exported model \(m.pt2\) differs from eager by 0.01 .* on a "
+    export.check_exported(lambda batch: batch + 1e-4, [x], [x], "m.pt2")  # within the tolerance
+    with pytest.raises(utils.UsageError, match=r"the exported model \(m.pt2\) differs from eager by 0.01 .* on a "
                                                r"2x3 input, more than 0.001; not written: export the other format"):
-        train.check_exported(lambda batch: batch + 0.01, [x], [x], "m.pt2")
+        export.check_exported(lambda batch: batch + 0.01, [x], [x], "m.pt2")
 
 
-# --------------------------------------------------------------------------------- --export
+# --------------------------------------------------------------------------------- export.py
 
 @pytest.fixture(scope="module")
 def exportable(run_dir, tmp_path_factory):
@@ -329,7 +510,7 @@ def exportable(run_dir, tmp_path_factory):
 
 def test_export_pt2_equals_eager_for_two_batch_sizes(exportable, tmp_path, capsys):
     path = tmp_path / "model.pt2"
-    assert main(["--export", path, "--resume", exportable, "--image-size", 64]) == 0  # 64 px: dynamic height, width
+    assert main([path, "--checkpoint", exportable, "--image-size", 64], export) == 0  # 64 px: dynamic height, width
     assert "dynamic batch, height and width" in capsys.readouterr().out
     program = torch.export.load(str(path)).module()
     model = model_of(exportable)
@@ -349,7 +530,7 @@ def test_export_onnx_without_its_packages_names_them_in_one_line(exportable, tmp
     path = tmp_path / "model.onnx"
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
-    assert main(["--export", path, "--resume", exportable]) == 2
+    assert main([path, "--checkpoint", exportable], export) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install onnx onnxscript" in err
     assert not path.exists()
@@ -360,7 +541,7 @@ def test_export_onnx_equals_eager(exportable, tmp_path):
         pytest.importorskip(name)
     path = tmp_path / "model.onnx"
     onnxruntime = pytest.importorskip("onnxruntime")
-    assert main(["--export", path, "--resume", exportable, "--image-size", 64]) == 0
+    assert main([path, "--checkpoint", exportable, "--image-size", 64], export) == 0
     session = onnxruntime.InferenceSession(str(path))
     model = model_of(exportable)
     for shape in [(1, 3, 64, 64), (3, 3, 80, 64)]:
