@@ -1,9 +1,4 @@
-"""Prepare ImageNet before training: check every file decodes, sort the val images into class folders, pack shards.
-
-    python prepare.py check DATA                     # decode every file (or a pack's every sample) once
-    python prepare.py sort-val DATA/val --labels LOC_val_solution.csv   # val as downloaded -> class folders
-    python prepare.py pack DATA PACK                 # tar shards for network file systems: --data PACK
-"""
+"""Prepare ImageNet before training: check every file decodes, sort the val images into class folders, pack shards."""
 import argparse
 import errno
 import io
@@ -11,7 +6,6 @@ import os
 import re
 import signal
 import sys
-import tarfile
 import warnings
 from multiprocessing import Pool
 
@@ -37,9 +31,7 @@ def check_writable(path, what):
     """Refuse, before any work, a destination this process may not write in (or create)."""
     if os.path.islink(path) and not os.path.exists(path):
         raise DataError(f"{what} {path} is a link to {os.readlink(path)}, which does not exist")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = utils.existing_parent(path)
     if not os.path.isdir(existing):
         raise DataError(f"{what} {path}: {existing} is a file, not a folder; give a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -54,18 +46,15 @@ def need(path, what, kind="folder"):
         raise DataError(f"{what} {path} {problem}")
 
 
-# ---------------------------------------------------------------------------------------------
 # python prepare.py check DATA
 
 def conversion(mode):
     """What load_rgb does to an image of PIL `mode` that is not RGB, in words."""
-    if is_16_bit_gray(mode):
-        return "16-bit grayscale, scaled to 8 bits" if mode != "I" else \
-            "integer grayscale, scaled from 16 to 8 bits (above 65535: white)"
     return {"L": "grayscale, copied to R, G and B", "1": "black and white, copied to R, G and B",
             "P": "palette colours", "CMYK": "CMYK, converted to RGB", "F": "float grayscale, clipped to 0..255",
             "RGBA": "alpha dropped", "LA": "grayscale, alpha dropped", "PA": "palette colours, alpha dropped",
-            }.get(mode, "converted to RGB")
+            "I": "integer grayscale, scaled from 16 to 8 bits (above 65535: white)",
+            }.get(mode, "16-bit grayscale, scaled to 8 bits" if is_16_bit_gray(mode) else "converted to RGB")
 
 
 def _inspect(path, encoded=None, shown=None):
@@ -100,25 +89,24 @@ def _start_worker(readers):  # check's pool
 
 
 def _inspect_packed(job):
-    """_inspect of a pack's sample, read with its tar headers and label in one positioned read."""
-    split, index = job
+    """_inspect of a pack's sample, checked against its two tar headers and its label: one positioned read."""
+    split, i = job
     reader = _CHECKED[split]
-    name, label, shard = reader.names[index], reader.labels[index], int(reader.shard_of[index])
-    offset, size, shown = int(reader.offsets[index]), int(reader.sizes[index]), f"{name} in {reader.paths[shard]}"
-    span = shards.tar_member_bytes(size) - shards.TAR_BLOCK
+    name, label, shard = reader.names[i], reader.labels[i], int(reader.shard_of[i])
+    expected = shards.sample_headers(reader.names, reader.table, i)  # (offset, tar name, size) of file and label
+    (start, member, size), (cls_at, _, _) = expected
+    path = reader.paths[shard]
+    shown = f"{name} in {path}"
     try:
-        block = reader.read_span(shard, offset - shards.TAR_BLOCK, span + 3 * shards.TAR_BLOCK, f"sample {name}")
-        header, cls = shards.tar_header(block), shards.tar_header(block[shards.TAR_BLOCK + span:])
-        cls_text = block[2 * shards.TAR_BLOCK + span:2 * shards.TAR_BLOCK + span + cls[1]]
+        block = reader.read_span(shard, start, cls_at - start + 2 * shards.TAR_BLOCK, f"sample {name}")
     except DataError as e:
         return shown, str(e), None
-    except tarfile.HeaderError as e:
-        header, cls, cls_text = (f"no tar header ({e})", 0), ("-", 0), b""
-    expected = (shards.member_name(index, name), size, shards.member_name(index, name, label), str(label).encode())
-    if (*header, cls[0], cls_text) != expected:  # the pack command rewrites a shard that is missing
-        return shown, f"the shard holds {header[0]} ({header[1]} bytes), {cls[0]} = {cls_text[:10]!r} where the index " \
-                      f"says {expected[0]} ({size} bytes) of label {label}: remove {reader.paths[shard]} and " \
-                      f"{shards.repair(os.path.dirname(reader.paths[shard]))}", None
+    header, cls = (shards.tar_header(block[at - start:]) for at, _, _ in expected)
+    cls_text = block[cls_at - start + shards.TAR_BLOCK:][:cls[1]]
+    if [header, cls, cls_text] != [expected[0][1:], expected[1][1:], str(label).encode()]:
+        return shown, f"the shard holds {header[0]} ({header[1]} bytes), {cls[0]} = {cls_text[:10]!r} where the " \
+                      f"index says {member} ({size} bytes) of label {label}: remove {path} and " \
+                      f"{shards.repair(os.path.dirname(path))}", None  # the pack command rewrites a missing shard
     return _inspect(name, block[shards.TAR_BLOCK:shards.TAR_BLOCK + size], shown)
 
 
@@ -171,15 +159,13 @@ def check(root, workers):
     return 1 if bad else 0
 
 
-# ---------------------------------------------------------------------------------------------
 # python prepare.py sort-val VAL --labels FILE
 
 WNID = re.compile(r"n[0-9]{8}")  # a WordNet id: the only class names sort-val creates folders for
 LABEL_FILES = "expected LOC_val_solution.csv, one wnid per line, or the devkit's ILSVRC2012_validation_ground_truth.txt"
 
 
-def wnid_at(labels, n, text):
-    """`text`, the class of line `n` of `labels`, if it is a WordNet id: a plain folder name."""
+def wnid_at(labels, n, text):  # the class on line n of `labels`: a folder name, never a path
     if not WNID.fullmatch(text):
         raise DataError(f"{labels} line {n}: class {text[:40]!r} is not a WordNet id (n and 8 digits, e.g. "
                         f"n01440764): sort-val makes a folder of each class, and takes no other names")
@@ -229,9 +215,8 @@ def read_devkit_meta(meta):
 
 
 def read_val_labels(labels, meta=None):
-    """{image id: wnid} from Kaggle's LOC_val_solution.csv, or [wnid] in file-name order from a file of
-    one wnid a line or the devkit's ground truth (ILSVRC2012_IDs, mapped by its meta.mat). Untrusted:
-    all of it is checked, every class a WordNet id (a folder name, never a path)."""
+    """{image id: wnid} from Kaggle's LOC_val_solution.csv, or [wnid] in file-name order from a file of one
+    wnid a line or the devkit's ground truth (ILSVRC2012_IDs, mapped by its meta.mat); all of it checked."""
     need(labels, "--labels", "file")
     lines = data.read_label_lines(labels, LABEL_FILES)
     kaggle = lines[0][1].replace(" ", "").lower().startswith("imageid,predictionstring")
@@ -244,7 +229,7 @@ def read_val_labels(labels, meta=None):
         return [wnid_at(labels, n, text) for n, text in lines]
     if not re.fullmatch(r"[0-9]+", lines[0][1]):
         raise DataError(f"{labels} is not a val label file (line {lines[0][0]}: {lines[0][1][:40]!r}): {LABEL_FILES}")
-    for n, text in lines:
+    for n, text in lines:  # the devkit's ground truth: ILSVRC2012_IDs
         if not re.fullmatch(r"[0-9]+", text):
             raise DataError(f"{labels} line {n}: {text[:40]!r} is not an ILSVRC2012_ID (a number, 1 to 1000)")
     if meta is None:
@@ -306,10 +291,10 @@ def sort_val(val_dir, labels, meta=None, out=None):
             raise
         raise DataError(f"--out {out} is on another file system than {val_dir}: hard links cannot cross it; "
                         f"give an --out beside {val_dir}, or leave --out out to move within it") from None
-    return len(todo), len(placed), verb
+    print(f"{verb} {len(todo)} images into class folders of {out}; {len(placed)} were already in place")
+    return 0
 
 
-# ---------------------------------------------------------------------------------------------
 # python prepare.py pack DATA OUT
 
 def parse_size(text):
@@ -318,8 +303,7 @@ def parse_size(text):
     if not match or float(match[1]) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1GB, 500MB, 256MiB)")
     unit = (match[2] or "B").upper()
-    scale = 1024 ** "BKMGT".index(unit[0]) if "I" in unit else 1000 ** "BKMGT".index(unit[0])
-    return max(1, int(float(match[1]) * scale))
+    return max(1, int(float(match[1]) * (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0])))
 
 
 def pack_command(root, out, shard_size):
@@ -380,9 +364,7 @@ def main(argv=None):
             return check(args.data, args.workers)
         if args.command == "pack":
             return pack_command(args.data, args.out, args.shard_size)
-        moved, present, verb = sort_val(args.val, args.labels, args.meta, args.out)
-        print(f"{verb} {moved} images into class folders of {args.out or args.val}; {present} were already in place")
-        return 0
+        return sort_val(args.val, args.labels, args.meta, args.out)
     except KeyboardInterrupt as e:  # what was kept, and the next step
         print("error: " + (str(e) or {
             "check": "check stopped; nothing was written: run the same command again",

@@ -26,6 +26,7 @@ PACK_FORMAT = "efficientnet-pack/1"
 PACK_INDEX = "index.json"  # written last: a folder holding it is a complete pack
 PACK_HEAD = "pack.json"  # written first and kept: the source and shard size, for the repair command
 TABLE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i4")])
+INDEX_KEYS = ("classes", "shards", "names", "shard_bytes", "skipped_files")  # a split's, beside its checksum
 TAR_BLOCK = 512
 MAX_OPEN_SHARDS = 256  # per process; the one opened first is closed to open another
 READ_AHEAD = 64  # files read at once, by as many threads, while packing (a network file system's latency)
@@ -38,7 +39,7 @@ def looks_packed(folder):
     return any(os.path.exists(os.path.join(folder, name)) for name in names)
 
 
-def read_json(pack, name):
+def read_json(pack, name, advise=True):
     """The pack's index or head, checked to be one; None when missing."""
     path = os.path.join(pack, name)
     try:
@@ -47,14 +48,15 @@ def read_json(pack, name):
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"the pack file {path} is damaged ({e}): {repair(pack)}") from None
-    if not isinstance(held, dict) or held.get("format") != PACK_FORMAT:
-        raise DataError(f"{path} is not a {PACK_FORMAT} pack's: {repair(pack)}")
-    return held
+        problem = f"the pack file {path} is damaged ({e})"
+    else:
+        if isinstance(held, dict) and held.get("format") == PACK_FORMAT:
+            return held
+        problem = f"{path} is not a {PACK_FORMAT} pack's"
+    raise DataError(f"{problem}: {repair(pack)}" if advise else problem)
 
 
 def read_index(pack):
-    """The index of `pack`, or DataError naming what is missing or damaged and the repair."""
     index = read_json(pack, PACK_INDEX)
     if index is None:
         raise DataError(f"the pack index {os.path.join(pack, PACK_INDEX)} is missing (or the packing did not "
@@ -64,8 +66,8 @@ def read_index(pack):
 
 def repair(pack, head=None):
     """The advice for a damaged pack: the command that rewrites what is missing or damaged."""
-    with contextlib.suppress(DataError, OSError):
-        head = head or read_json(pack, PACK_HEAD) or read_json(pack, PACK_INDEX)
+    with contextlib.suppress(DataError, OSError):  # advise=False: no advice from a damaged head
+        head = head or read_json(pack, PACK_HEAD, False) or read_json(pack, PACK_INDEX, False)
     source = head["source"] if head else "DATA"
     size = f" --shard-size {head['shard_size']}" if head and head["shard_size"] != DEFAULT_SHARD_SIZE else ""
     given = "" if head else " (DATA: the folder it was packed from)"
@@ -73,8 +75,8 @@ def repair(pack, head=None):
 
 
 def member_name(index, name, label=None):
-    """The tar name of sample `index`: <key>.jpg/.png/... or <key>.cls, the key without dots
-    (WebDataset's key ends at the first one): the index, then the file's stem."""
+    """The tar name of sample `index`, or with `label` of its label: <key>.jpg (.png, ...) or <key>.cls,
+    the key the index and the file's stem, without dots (WebDataset's key ends at the first one)."""
     stem, ext = os.path.splitext(os.path.basename(name))
     key = f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:60]}"
     if label is not None:
@@ -82,50 +84,55 @@ def member_name(index, name, label=None):
     return key + (".jpg" if ext.lower() in (".jpg", ".jpeg") else ext.lower())
 
 
+def tar_member_bytes(size):
+    """Bytes of one file in a tar: its 512-byte header, then its data padded to whole blocks."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
 def tar_header(block):
-    """A tar header block -> (name, size); tarfile.HeaderError when it is none."""
-    info = tarfile.TarInfo.frombuf(block[:TAR_BLOCK], "utf-8", "surrogateescape")
+    """(name, size) of a tar header block; ('no tar header (why)', 0) when it is none."""
+    try:
+        info = tarfile.TarInfo.frombuf(block[:TAR_BLOCK], "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"no tar header ({e})", 0
     return info.name, info.size
 
 
-def shard_problem(path, expected_bytes, headers):
-    """What is wrong with shard `path` (missing, cut, renamed, exchanged), or None, cheaply: its size and
-    the tar `headers` [(offset, name, size)] of its first and last member."""
-    try:
-        with open(path, "rb", buffering=0) as f:  # unbuffered: a block read is a block read
-            size, held = os.fstat(f.fileno()).st_size, []
-            for offset, _, _ in headers if size == expected_bytes else ():
-                f.seek(offset)
-                with contextlib.suppress(tarfile.HeaderError):
-                    held.append(tar_header(f.read(TAR_BLOCK)))
-    except FileNotFoundError:
-        return f"shard {path} is missing"
-    if size != expected_bytes:
-        return f"shard {path} is {size:,} bytes, the index says {expected_bytes:,}"
-    if held != [(name, size) for _, name, size in headers]:
-        return f"shard {path} does not hold {headers[0][1]} to {headers[-1][1]}, as the pack has it there: a shard " \
-               f"renamed or exchanged"
-    return None
+def sample_headers(names, table, i):
+    """[(offset, tar name, size)] of the tar headers of sample i, its file's and its label's."""
+    offset, size, label = int(table["offset"][i]), int(table["size"][i]), int(table["label"][i])
+    return [(offset - TAR_BLOCK, member_name(i, names[i]), size),
+            (offset - TAR_BLOCK + tar_member_bytes(size), member_name(i, names[i], label), len(str(label)))]
 
 
-def shard_headers(names, table, count):
-    """[(offset, member name, size) of the first and the last tar header] of each of a split's `count` shards."""
-    starts = np.searchsorted(table["shard"], np.arange(count + 1)).tolist()
-    headers = []
-    for first, last in zip(starts[:-1], [end - 1 for end in starts[1:]]):
-        label, size = int(table["label"][last]), int(table["size"][last])
-        cls_offset = int(table["offset"][last]) + -(-size // TAR_BLOCK) * TAR_BLOCK
-        headers.append([(0, member_name(first, names[first]), int(table["size"][first])),
-                        (cls_offset, member_name(last, names[last], label), len(str(label)))])
-    return headers
+def shard_problems(pack, entry, table):
+    """(path, its samples, what is wrong with it or None) of each of a split's shards, found cheaply and
+    lazily: its size, and the tar headers of its first and last member (missing, cut, renamed, exchanged)."""
+    starts = np.searchsorted(table["shard"], np.arange(len(entry["shards"]) + 1)).tolist()
+    for name, expected_bytes, first, end in zip(entry["shards"], entry["shard_bytes"], starts, starts[1:]):
+        path, samples = os.path.join(pack, name), range(first, end)
+        headers = [sample_headers(entry["names"], table, first)[0], sample_headers(entry["names"], table, end - 1)[1]]
+        try:
+            with open(path, "rb", buffering=0) as f:  # unbuffered: a block read is a block read
+                size = os.fstat(f.fileno()).st_size
+                held = [tar_header(os.pread(f.fileno(), TAR_BLOCK, at)) for at, _, _ in headers]
+        except FileNotFoundError:
+            yield path, samples, f"shard {path} is missing"
+            continue
+        if size != expected_bytes:
+            yield path, samples, f"shard {path} is {size:,} bytes, the index says {expected_bytes:,}"
+        elif held != [(member, member_size) for _, member, member_size in headers]:
+            yield path, samples, f"shard {path} does not hold {headers[0][1]} to {headers[-1][1]}, as the pack " \
+                                 f"has it there: a shard renamed or exchanged"
+        else:
+            yield path, samples, None
 
 
 def read_table(pack, split, entry):
     """PACK/<split>.npy, the one the index lists (its checksum) -> the table, or what is wrong (str)."""
     path = os.path.join(pack, f"{split}.npy")
     try:
-        with open(path, "rb") as f:
-            content = f.read()
+        content = pathlib.Path(path).read_bytes()
     except FileNotFoundError:
         return f"{path} is missing"
     if hashlib.sha256(content).hexdigest() != entry.get("table_sha256"):  # none: an earlier version's pack
@@ -146,12 +153,12 @@ class ShardReader:
         self.classes, self.skipped_files, self.names = entry["classes"], entry["skipped_files"], entry["names"]
         self.paths = [os.path.join(pack, name) for name in entry["shards"]]
         table = read_table(pack, split, entry)
-        problem = table if isinstance(table, str) else next(filter(None, map(  # the first, cheaply
-            shard_problem, self.paths, entry["shard_bytes"], shard_headers(self.names, table, len(self.paths)))), None)
+        problem = table if isinstance(table, str) else \
+            next((problem for _, _, problem in shard_problems(pack, entry, table) if problem), None)
         if problem:
             raise DataError(f"{problem}: {repair(pack, index)}")
         self.shard_of, self.offsets, self.sizes = table["shard"], table["offset"], table["size"]
-        self.labels = table["label"].tolist()
+        self.table, self.labels = table, table["label"].tolist()
         self.files = {}  # shard -> file descriptor, in this process
 
     def __len__(self):
@@ -191,24 +198,18 @@ class ShardReader:
         return encoded, f"{name} in {self.paths[shard]}"
 
 
-# ---------------------------------------------------------------------------------------------
 # The writer
-
-def tar_member_bytes(size):
-    """Bytes of one file in a tar: its 512-byte header, then its data padded to whole blocks."""
-    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
-
 
 def tar_file_bytes(members_end):
     """A tar file's size: its members, two zero blocks, padded to whole records (as tarfile ends it)."""
     return -(-(members_end + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def plan_split(folder, shard_size):
-    """Where each sample of `folder` (listed class folders) goes: its shard, offset; each shard's size."""
-    names = [os.path.relpath(path, folder.root) for path, _ in folder.samples]
+def plan_split(split, folder, shard_size):
+    """The index entry of `folder` (listed class folders), its table, and its files and their mtimes."""
+    sources = [path for path, _ in folder.samples]
     with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:  # a network file system's latency
-        stats = list(pool.map(os.stat, [path for path, _ in folder.samples]))
+        stats = list(pool.map(os.stat, sources))
     shard_of, offsets, shard_bytes, pos = [], [], [], 0
     for (_, label), st in zip(folder.samples, stats):
         need = tar_member_bytes(st.st_size) + tar_member_bytes(len(str(label)))
@@ -219,44 +220,32 @@ def plan_split(folder, shard_size):
         offsets.append(pos + TAR_BLOCK)
         pos += need
     shard_bytes.append(tar_file_bytes(pos))
-    table = np.zeros(len(names), TABLE)
+    table = np.zeros(len(sources), TABLE)
     table["shard"], table["offset"], table["size"] = shard_of, offsets, [st.st_size for st in stats]
     table["label"] = [label for _, label in folder.samples]
-    return {"classes": folder.classes, "names": names, "sources": [path for path, _ in folder.samples],
-            "mtimes": [st.st_mtime_ns for st in stats], "table": table, "shard_bytes": shard_bytes,
-            "skipped_files": folder.skipped_files}
-
-
-def pack_plan(listed, shard_size):
-    """A plan per split of `listed` and its identity: a hash of each sample's name, label, size and
-    modification time, and of the shard size."""
-    plans = {split: plan_split(folder, shard_size) for split, folder in listed.items()}
-    what = [PACK_FORMAT, shard_size] + [[split, p["classes"], p["names"], p["table"]["label"].tolist(),
-                                         p["table"]["size"].tolist(), p["mtimes"]] for split, p in plans.items()]
-    return plans, hashlib.sha256(json.dumps(what).encode()).hexdigest()
-
-
-def shard_names(split, plan):
-    return [f"{split}-{n:06d}.tar" for n in range(len(plan["shard_bytes"]))]
+    return {"classes": folder.classes, "shards": [f"{split}-{n:06d}.tar" for n in range(len(shard_bytes))],
+            "names": [os.path.relpath(path, folder.root) for path in sources], "shard_bytes": shard_bytes,
+            "skipped_files": folder.skipped_files, "table": table, "sources": sources,
+            "mtimes": [st.st_mtime_ns for st in stats]}
 
 
 def write_shard(path, plan, members):
     """Shard `path` of samples `members`, atomically (a shard that exists is whole), as planned."""
-    table = plan["table"]
+    table, sources = plan["table"], plan["sources"]
 
     def write(tmp):
         with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
                 concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
             for start in range(0, len(members), READ_AHEAD):
                 chunk = members[start:start + READ_AHEAD]
-                for i, encoded in zip(chunk, pool.map(utils.read_file, [plan["sources"][i] for i in chunk])):
-                    if len(encoded) != table["size"][i]:
-                        raise DataError(f"{plan['sources'][i]} changed while packing: pack again into a new folder")
-                    add_member(tar, member_name(i, plan["names"][i]), encoded)
-                    if tar.offset - tar_member_bytes(len(encoded)) + TAR_BLOCK != table["offset"][i]:
-                        raise RuntimeError(f"tarfile placed {plan['sources'][i]} elsewhere than planned in {path}")
-                    label = int(table["label"][i])
-                    add_member(tar, member_name(i, plan["names"][i], label), str(label).encode())
+                for i, encoded in zip(chunk, pool.map(utils.read_file, [sources[i] for i in chunk])):
+                    (_, name, size), (label_at, label_name, _) = sample_headers(plan["names"], table, i)
+                    if len(encoded) != size:
+                        raise DataError(f"{sources[i]} changed while packing: pack again into a new folder")
+                    add_member(tar, name, encoded)
+                    if tar.offset != label_at:
+                        raise RuntimeError(f"tarfile placed {sources[i]} elsewhere than planned in {path}")
+                    add_member(tar, label_name, str(table["label"][i]).encode())
     utils.write_atomic(path, write, int(table["size"][members].sum()))
 
 
@@ -267,18 +256,16 @@ def add_member(tar, name, content):
     tar.addfile(info, io.BytesIO(content))
 
 
-def held_index(out, identity, plans):
-    """OUT's index when it holds this pack (else None: empty, unfinished, damaged); a folder holding
-    another pack, or other files, raises DataError."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"{out} is a file: give a new or empty folder to pack into")
+def held_files(out, identity, plans):
+    """{name: content or None if missing} of OUT's index and head, a damaged one left out; DataError if OUT
+    holds another pack or files that are not this pack's."""
     held = set(os.listdir(out)) if os.path.isdir(out) else set()
     ours = {PACK_INDEX, PACK_HEAD} | {f"{split}.npy" for split in plans}
-    ours |= {name for split, plan in plans.items() for name in shard_names(split, plan)}
+    ours |= {name for plan in plans.values() for name in plan["shards"]}
     found = {}
     for name in (PACK_INDEX, PACK_HEAD):
         with contextlib.suppress(DataError):  # damaged: rewritten, what it described checked file by file
-            found[name] = read_json(out, name) if name in held else None
+            found[name] = read_json(out, name)
     other = next((f for f in found.values() if f and f.get("identity") != identity), None)
     if other:
         raise DataError(f"{out} holds the pack of other files or another --shard-size ({other.get('source')}, "
@@ -290,23 +277,28 @@ def held_index(out, identity, plans):
                         f"give a new or empty folder to pack into")
     if stale:
         utils.remove_stale_temporaries(out)  # all of them ours, as just checked
-    return found.get(PACK_INDEX)
+    return found
 
 
 def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
     """Pack `listed` ({split: class folders of DATA}) into OUT, continuing an unfinished packing and
     rewriting whatever is missing or damaged -> ({split: (images, shards)}, whether it was whole already)."""
-    plans, identity = pack_plan(listed, shard_size)
-    counts = {split: (len(p["names"]), len(p["shard_bytes"])) for split, p in plans.items()}
-    head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size, "identity": identity}
-    tables = {split: npy_bytes(plan["table"]) for split, plan in plans.items()}
-    index = dict(head, splits={split: {
-        "classes": plan["classes"], "shards": shard_names(split, plan), "names": plan["names"],
-        "shard_bytes": plan["shard_bytes"], "skipped_files": plan["skipped_files"],
-        "table_sha256": hashlib.sha256(tables[split]).hexdigest()} for split, plan in plans.items()})
-    held = held_index(out, identity, plans)
-    todo = shards_to_write(out, plans)
-    if not todo and held == json.loads(json.dumps(index)) and \
+    plans = {split: plan_split(split, folder, shard_size) for split, folder in listed.items()}
+    # The pack's identity: each sample's name, label, size and modification time, and the shard size.
+    what = [PACK_FORMAT, shard_size] + [[split, p["classes"], p["names"], p["table"]["label"].tolist(),
+                                         p["table"]["size"].tolist(), p["mtimes"]] for split, p in plans.items()]
+    head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size,
+            "identity": hashlib.sha256(json.dumps(what).encode()).hexdigest()}
+    tables, index = {split: io.BytesIO() for split in plans}, dict(head, splits={})
+    for split, plan in plans.items():
+        np.save(tables[split], plan["table"])
+        index["splits"][split] = {key: plan[key] for key in INDEX_KEYS}
+        index["splits"][split]["table_sha256"] = hashlib.sha256(tables[split].getvalue()).hexdigest()
+    held = held_files(out, head["identity"], plans)
+    todo = [(plan, path, list(samples)) for plan in plans.values()  # the shards missing or damaged
+            for path, samples, problem in shard_problems(out, plan, plan["table"]) if problem]
+    counts = {split: (len(plan["names"]), len(plan["shards"])) for split, plan in plans.items()}
+    if not todo and held == json.loads(json.dumps({PACK_INDEX: index, PACK_HEAD: head})) and \
             not any(isinstance(read_table(out, split, entry), str) for split, entry in index["splits"].items()):
         return counts, True
     os.makedirs(out, exist_ok=True)
@@ -314,25 +306,7 @@ def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
     for plan, path, members in tqdm(todo, desc="packing", unit="shard", disable=not sys.stderr.isatty()):
         write_shard(path, plan, members)
     for split, content in tables.items():
-        utils.write_atomic(os.path.join(out, f"{split}.npy"), lambda tmp, b=content: pathlib.Path(tmp).write_bytes(b))
+        utils.write_atomic(os.path.join(out, f"{split}.npy"),
+                           lambda tmp, content=content: pathlib.Path(tmp).write_bytes(content.getvalue()))
     utils.write_text(os.path.join(out, PACK_INDEX), json.dumps(index))
     return counts, False
-
-
-def npy_bytes(table):
-    out = io.BytesIO()
-    np.save(out, table)
-    return out.getvalue()
-
-
-def shards_to_write(out, plans):
-    """[(plan, shard path, its sample indices)] of the shards OUT lacks or holds damaged (shard_problem)."""
-    todo = []
-    for split, plan in plans.items():
-        table, count = plan["table"], len(plan["shard_bytes"])
-        members = np.split(np.arange(len(table)), np.searchsorted(table["shard"], np.arange(1, count)))
-        for name, expected, indices, headers in zip(shard_names(split, plan), plan["shard_bytes"], members,
-                                                    shard_headers(plan["names"], table, count)):
-            if shard_problem(os.path.join(out, name), expected, headers):
-                todo.append((plan, os.path.join(out, name), indices.tolist()))
-    return todo
