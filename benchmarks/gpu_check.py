@@ -60,6 +60,7 @@ def settings(dry):
                            compile_backend="aot_eager" if dry else "inductor")
     s.b0 = ("b0", 32, 2) if dry else ("b0", 224, 256)  # (arch, image size, batch)
     s.b4 = ("b4", 32, 2) if dry else ("b4", 380, 128)
+    s.b7 = ("b7", 32, 2) if dry else ("b7", 600, 32)  # the per-arch default batches, flags.DEFAULT_BATCH
     s.steps, s.warmup = (1, 1) if dry else (20, 3)
     s.loop_steps, s.log_every = (6, 2) if dry else (50, 10)  # per epoch; intervals of the 2nd are measured
     return s
@@ -181,14 +182,8 @@ def steady_rate(log_text, epoch, batch):
     return images / sum(seconds), share
 
 
-def train_py_row(s, data_arg, extra, log_path):
-    """train.py (train.main, in this process) on `data_arg` for 2 epochs: its steady rate."""
-    out = tempfile.mkdtemp(prefix="gpu_check_run_")
-    arch, size, batch = s.b0
-    argv = ["--data", data_arg, "--arch", arch, "--image-size", str(size), "--batch-size", str(batch),
-            "--amp", s.amp, "--channels-last", "--epochs", "2", "--warmup-epochs", "1",
-            "--steps-per-epoch", str(s.loop_steps), "--eval-every", "0", "--log-every", str(s.log_every),
-            "--output-dir", out, *extra]
+def run_main(argv, log_path):
+    """train.main(argv) in this process, its output appended to the log: (exit code, its output)."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         start = os.path.getsize(log_path)
@@ -201,20 +196,53 @@ def train_py_row(s, data_arg, extra, log_path):
                     code = e.code
         with open(log_path) as log:
             log.seek(start)
-            text = log.read()
+            return code, log.read()
+    finally:  # train.py records SIGTERM instead of dying: give it back to the time limit of gpu.sh
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def last_line(text):
+    return [line.strip() for line in text.splitlines() if line.strip()][-1]
+
+
+def train_py_row(s, data_arg, extra, log_path):
+    """train.py (train.main, in this process) on `data_arg` for 2 epochs: its steady rate."""
+    out = tempfile.mkdtemp(prefix="gpu_check_run_")
+    arch, size, batch = s.b0
+    argv = ["--data", data_arg, "--arch", arch, "--image-size", str(size), "--batch-size", str(batch),
+            "--amp", s.amp, "--channels-last", "--epochs", "2", "--warmup-epochs", "1",
+            "--steps-per-epoch", str(s.loop_steps), "--eval-every", "0", "--log-every", str(s.log_every),
+            "--output-dir", out, *extra]
+    try:
+        code, text = run_main(argv, log_path)
         if code != 0:
-            last = [line.strip() for line in text.splitlines() if line.strip()][-1]
-            return None, f"exit {code}: {last[:110]}"
+            return None, f"exit {code}: {last_line(text)[:110]}"
         workers = f"workers {data.default_workers()}"  # train.py's default: the cores less one
         rate, share = steady_rate(text, 2, batch)
         if rate is not None:
             return rate, f"{workers}, data wait {share:.0f} %, steps {s.log_every + 1}-{s.loop_steps} of epoch 2"
         with open(os.path.join(out, "metrics.jsonl")) as f:  # the log's format changed: the epoch's mean
             return [json.loads(line) for line in f][-1]["images_per_sec"], f"{workers}, epoch 2 mean (no interval lines)"
-    finally:  # train.py records SIGTERM instead of dying: give it back to the time limit of gpu.sh
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    finally:
         shutil.rmtree(out, ignore_errors=True)
+        free_memory(torch.device(s.device))
+
+
+def dry_run_row(s, arch, size, batch, extra, log_path):
+    """train.py --dry-run on synthetic data at the recipe's batch: its rate, peak memory and the
+    400-epoch projection on this one GPU; or, when the batch does not fit, the batches that do."""
+    argv = ["--data", "synthetic", "--arch", arch, "--image-size", str(size), "--batch-size", str(batch),
+            "--amp", s.amp, "--dry-run", *extra]
+    try:
+        code, text = run_main(argv, log_path)
+        if code != 0:
+            return None, f"exit {code}: {last_line(text)[:400]}"
+        f = json.loads(last_line(text))
+        return f["images_per_sec"], (f"peak {f['peak_memory_mb']:.0f} MiB, data wait {100 * f['data_share']:.0f} %, "
+                                     f"epoch {f['epoch_seconds'] / 60:.1f} min, 400 epochs "
+                                     f"{f['run_seconds'] / 3600:.0f} h on this GPU")
+    finally:
         free_memory(torch.device(s.device))
 
 
@@ -268,6 +296,12 @@ def row_plan(s, jpegs, log_path, gpus, warmed):
         ("train.py b0", "--data synthetic", 25, lambda: train_py_row(s, "synthetic", [], log_path)),
         ("train.py b0", "--data JPEGs --decode gpu", 25, lambda: train_py_row(s, jpegs, ["--decode", "gpu"], log_path)),
         ("train.py b0", "--data JPEGs --decode cpu", 25, lambda: train_py_row(s, jpegs, ["--decode", "cpu"], log_path)),
+        ("dry run b0", f"--dry-run, batch {b0[2]}", 40, lambda: dry_run_row(s, *b0, [], log_path)),
+        ("dry run b7", f"--dry-run, batch {s.b7[2]}", 70, lambda: dry_run_row(s, *s.b7, [], log_path)),
+        ("dry run b7", "--dry-run --grad-checkpointing", 80,
+         lambda: dry_run_row(s, *s.b7, ["--grad-checkpointing"], log_path)),
+        ("dry run b0", "--dry-run --grad-checkpointing", 45,
+         lambda: dry_run_row(s, *b0, ["--grad-checkpointing"], log_path)),
         ("b0", "ours --compile", 30 if "b0" in warmed else 75, lambda: model_row(s, "ours", *b0, compiled=True)),
         ("b4", "torchvision eager", 20, lambda: model_row(s, "torchvision", *b4)),
         ("b4", "ours eager (the default)", 15, lambda: model_row(s, "ours", *b4)),
@@ -299,9 +333,9 @@ class Results:
             f.write("\n".join(self.table()) + "\n")
 
     def reference(self, group):
-        """The group's first row: torchvision eager; for train.py, --data synthetic."""
-        first = "--data synthetic" if group == "train.py b0" else "torchvision eager"
-        return next((r["images_per_sec"] for r in self.rows if r["group"] == group and r["configuration"] == first), None)
+        """The group's first row (torchvision eager; for train.py, --data synthetic; the dry runs' without
+        checkpointing)."""
+        return next((r["images_per_sec"] for r in self.rows if r["group"] == group), None)
 
     def table(self):
         lines = [self.header, "", "| group | configuration | train img/s | vs first row of the group | note |",
