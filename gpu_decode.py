@@ -1,14 +1,12 @@
 """--decode gpu, both halves: the workers read bytes and draw the crops, the device decodes and resizes whole batches.
 
 Workers: EncodedTrainTransform, collate -> EncodedBatch. Device: BatchDecoder, one nvJPEG call a batch,
-run by decode_ahead in a thread of DeviceLoader's, a batch ahead of the training step.
-"""
+run by decode_ahead in a thread of DeviceLoader's, a batch ahead of the training step."""
 import collections
 import contextlib
 import queue
 import threading
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,21 +14,15 @@ import transforms
 from transforms import load_rgb, random_resized_crop_box, takes_jpeg_decoder, to_uint8_hwc
 
 
-class EncodedTrainTransform:
-    """The worker's half: the file's bytes, the crop box and flip drawn as TrainTransform draws them
-    (size from the header). What nvJPEG cannot take (PNG, CMYK, rotated) is decoded here, full size."""
-
-    def __init__(self, size, min_scale=0.08, resize_from=0, resize_epochs=0):
-        self.size, self.resize_from, self.resize_epochs = size, resize_from, resize_epochs
-        self.scale = (min_scale, 1.0)
-
-    size_at = transforms.TrainTransform.size_at
+class EncodedTrainTransform(transforms.TrainTransform):
+    """The worker's half: the file's bytes, with the crop box and flip drawn as TrainTransform draws them
+    (size from the header); --augment is refused with --decode gpu. What nvJPEG cannot take (PNG, CMYK,
+    rotated) is decoded here, full size."""
 
     def __call__(self, path, encoded, rng, epoch=0):
         size, jpeg = takes_jpeg_decoder(encoded)
-        if jpeg:
-            content, shape = encoded, None
-        else:
+        content, shape = encoded, None
+        if not jpeg:
             pixels = to_uint8_hwc(load_rgb(path, encoded))
             size, content, shape = (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes(), pixels.shape
         box = random_resized_crop_box(*size, rng, self.scale)
@@ -42,18 +34,12 @@ EncodedSample = collections.namedtuple("EncodedSample", "path content shape box 
 
 
 class EncodedBatch:
-    """EncodedSamples as one byte tensor (one shared-memory block a batch), with spans, boxes, flips."""
+    """EncodedSamples as one byte tensor (one shared-memory block a batch) with their lengths, boxes, flips."""
 
     def __init__(self, samples):
         self.paths, contents, self.shapes, self.boxes, self.flips, sizes = map(list, zip(*samples))
-        self.size = sizes[0]
-        ends = np.cumsum([len(content) for content in contents]).tolist()
-        self.spans = list(zip([0] + ends[:-1], ends))
+        self.size, self.lengths = sizes[0], [len(content) for content in contents]
         self.payload = torch.frombuffer(bytearray(b"".join(contents)), dtype=torch.uint8)
-
-    def content(self, i):
-        start, end = self.spans[i]
-        return self.payload[start:end]
 
     def pin_memory(self):
         """The DataLoader's pin-memory thread: the worker-decoded pixels then reach the GPU asynchronously."""
@@ -68,26 +54,20 @@ def collate(samples):
 
 # CUDA's antialiased resize keeps a block's filter weights in its 48 KiB of shared memory. By the
 # kernel's block-size formula (read, not run), for bicubic float32 past about 47x downscale on both
-# axes no row of threads fits (a launch with no rows: an error, or a host division by zero), past
-# about 94x it refuses ("Too much shared memory required"); at 32x a block still has one row. The
-# CPU kernels have no limit. Crops more than AA_MAX_DOWNSCALE x the output are resized in stages.
+# axes no row of threads fits (an error, or a host division by zero), past about 94x it refuses ("Too
+# much shared memory required"); at 32x a block still has one row. The CPU kernels have no limit.
 AA_MAX_DOWNSCALE = 32
 
 
-def resize_stages(height, width, size, max_factor=None):
+def resize_stages(height, width, size):
     """The (h, w) of the successive resizes to (size, size), none shrinking an axis more than
-    `max_factor` times: [(size, size)] but for extreme crops. The last stages shrink most, so the blur
-    stays close to one resize's; an axis with fewer stages keeps its length until its own."""
-    max_factor = max_factor or AA_MAX_DOWNSCALE
-
-    def lengths(n):
-        out = [size]
-        while n > out[0] * max_factor:
-            out.insert(0, out[0] * max_factor)
-        return out
-    hs, ws = lengths(height), lengths(width)
-    count = max(len(hs), len(ws))
-    return list(zip([height] * (count - len(hs)) + hs, [width] * (count - len(ws)) + ws))
+    AA_MAX_DOWNSCALE times: [(size, size)] but for extreme crops. The last stages shrink most, so the
+    blur stays close to one resize's; an axis with fewer stages keeps its length until its own."""
+    stages, step = [(size, size)], size * AA_MAX_DOWNSCALE
+    while height > step or width > step:
+        stages.insert(0, (min(height, step), min(width, step)))
+        step *= AA_MAX_DOWNSCALE
+    return stages
 
 
 def antialiased_resize(x, size):
@@ -106,22 +86,22 @@ class BatchDecoder:
         self.device, self.channels_last = torch.device(device), channels_last
 
     def __call__(self, batch):
+        contents = batch.payload.split(batch.lengths)
         jpegs = [i for i, shape in enumerate(batch.shapes) if shape is None]
-        decoded = dict(zip(jpegs, self.decode_jpegs(batch, jpegs)))
+        decoded = dict(zip(jpegs, self.decode_jpegs([contents[i] for i in jpegs], [batch.paths[i] for i in jpegs])))
         crops = []
         for i, (left, top, right, bottom) in enumerate(batch.boxes):  # else decoded by the worker: (H, W, 3) bytes
             image = decoded[i] if i in decoded else \
-                batch.content(i).to(self.device, non_blocking=True).view(batch.shapes[i]).permute(2, 0, 1)
+                contents[i].to(self.device, non_blocking=True).view(batch.shapes[i]).permute(2, 0, 1)
             crops.append(antialiased_resize(image[None, :, top:bottom, left:right].float(), batch.size))
         x = torch.cat(crops).clamp_(0, 255)  # bicubic overshoots; the CPU path's uint8 clamps too
         flips = torch.tensor(batch.flips).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
         x = torch.where(flips, x.flip(-1), x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def decode_jpegs(self, batch, indices):
-        if not indices:
+    def decode_jpegs(self, encoded, paths):
+        if not encoded:
             return []
-        encoded = [batch.content(i) for i in indices]
         if self.device.type == "cuda":
             # nvJPEG writes from its own stream, which does not wait for this one: kernels still
             # queued here could read memory it reuses (torchvision PR #9606). Drain this stream
@@ -130,14 +110,13 @@ class BatchDecoder:
         try:
             return transforms.decode_jpegs(encoded, self.device)
         except RuntimeError:  # one bad file fails the whole call: find it
-            return [self.decode_one(content, batch.paths[i]) for i, content in zip(indices, encoded)]
+            return [self.decode_one(content, path) for content, path in zip(encoded, paths)]
 
     def decode_one(self, content, path):
         try:
             return transforms.decode_jpegs([content], self.device)[0]
         except RuntimeError:  # PIL decodes what it can (libjpeg warnings) and names the rest
-            pixels = to_uint8_hwc(load_rgb(path, content.numpy().tobytes()))
-            return pixels.to(self.device).permute(2, 0, 1)
+            return to_uint8_hwc(load_rgb(path, content.numpy().tobytes())).to(self.device).permute(2, 0, 1)
 
 
 def decode_ahead(loader, to_device, stream, device):
@@ -182,8 +161,5 @@ def _decode_all(batches, to_device, stream, ready, stop):
 
 def _put_unless_stopped(q, item, stop):
     while not stop.is_set():
-        try:
-            q.put(item, timeout=0.05)
-            return
-        except queue.Full:
-            pass
+        with contextlib.suppress(queue.Full):
+            return q.put(item, timeout=0.05)

@@ -1,9 +1,8 @@
 """One image into a sample (decode, crop, resize, augment), and the batch augmentations on the device.
 
 Samples leave the workers as uint8 (H, W, 3) tensors. Randomness is a pure function of (seed, epoch,
-sample index): a step's data never depends on workers, ranks, decoder or where a run resumed.
-"""
-import importlib.util
+sample index): a step's data never depends on workers, ranks, decoder or where a run resumed."""
+import importlib
 import io
 import math
 import random
@@ -49,18 +48,11 @@ def load_rgb(path, encoded=None):
                         f"`python prepare.py check DIR` lists every bad file)") from None
 
 
-def jpeg_decoder():
-    """'torchcodec' when it imports (torchvision 0.29 deprecates its decoders for it), else 'torchvision'."""
-    if importlib.util.find_spec("torchcodec") is not None:
-        try:
-            import torchcodec.decoders  # noqa: F401 (loads native libraries: may not match torch)
-            return "torchcodec"
-        except (ImportError, OSError, RuntimeError):
-            pass
-    return "torchvision"
-
-
-JPEG_DECODER = jpeg_decoder()
+try:  # TorchCodec where it imports: torchvision 0.29 deprecates its decoders for it
+    importlib.import_module("torchcodec.decoders")  # loads native libraries: may not match torch
+    JPEG_DECODER = "torchcodec"
+except (ImportError, OSError, RuntimeError):
+    JPEG_DECODER = "torchvision"
 
 
 def decode_jpegs(encoded, device="cpu"):
@@ -88,9 +80,8 @@ def takes_jpeg_decoder(encoded):
 def decode_rgb(path, encoded):
     """A file's bytes -> uint8 (H, W, 3) from libjpeg-turbo where it takes them, else PIL's RGB image."""
     if takes_jpeg_decoder(encoded)[1]:
-        try:
-            pixels = decode_jpegs([torch.frombuffer(bytearray(encoded), dtype=torch.uint8)])[0]
-            return pixels.permute(1, 2, 0)  # (H, W, 3) memory already
+        try:  # (3, H, W) out, in (H, W, 3) memory already
+            return decode_jpegs([torch.frombuffer(bytearray(encoded), dtype=torch.uint8)])[0].permute(1, 2, 0)
         except RuntimeError:  # libjpeg warnings PIL tolerates are errors here: let PIL decide
             pass
     return load_rgb(path, encoded)
@@ -105,10 +96,9 @@ def to_uint8_hwc(img):
 
 def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng`."""
-    area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target_area = area * rng.uniform(*scale)
+        target_area = width * height * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
@@ -150,19 +140,9 @@ def progressive_size(epoch, start, end, ramp_epochs):
     return min(end, max(32, 32 * round(size / 32)))
 
 
-def augment_op(name, magnitude_bin=None):
-    """torchvision's op for --augment `name` at its defaults, bilinear as its reference training."""
-    bilinear = T.InterpolationMode.BILINEAR
-    return {"autoaugment": lambda: T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, bilinear),
-            "randaugment": lambda: T.RandAugment(1, magnitude_bin, RANDAUGMENT_BINS, bilinear),
-            "trivialaugment": lambda: T.TrivialAugmentWide(RANDAUGMENT_BINS, bilinear),
-            "augmix": lambda: T.AugMix(interpolation=bilinear), "none": lambda: None}[name]()
-
-
 class TrainTransform:
-    """RandomResizedCrop (bicubic) + flip [+ one --augment op], uint8 (H, W, 3) out, no float image.
-    RandAugment's magnitude is timm's 0..10; with `magnitude_std` each of its two ops draws
-    ~ N(magnitude, std), as timm's `rand-m9-mstd0.5`."""
+    """RandomResizedCrop (bicubic) + flip [+ one --augment op], uint8 (H, W, 3) out, no float image. RandAugment's
+    magnitude is timm's 0..10; with `magnitude_std` each of its two ops draws ~ N(magnitude, std), as timm's mstd."""
 
     def __init__(self, size, min_scale=0.08, autoaugment=False, augment=None, magnitude=9.0, magnitude_std=0.0,
                  resize_from=0, resize_epochs=0):
@@ -170,9 +150,12 @@ class TrainTransform:
         self.scale = (min_scale, 1.0)
         self.augment = augment or ("autoaugment" if autoaugment else "none")
         self.magnitude, self.magnitude_std = magnitude, magnitude_std
-        # RandAugment: one op per call, so that each op can have its own magnitude
-        self.op = [augment_op("randaugment", b) for b in range(RANDAUGMENT_BINS)] \
-            if self.augment == "randaugment" else augment_op(self.augment)
+        bilinear = T.InterpolationMode.BILINEAR  # torchvision's ops at their defaults, bilinear as its reference
+        self.op = {"none": None, "autoaugment": T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, bilinear),
+                   # RandAugment: one op per magnitude bin, applied one at a time, so that each has its own
+                   "randaugment": [T.RandAugment(1, b, RANDAUGMENT_BINS, bilinear) for b in range(RANDAUGMENT_BINS)],
+                   "trivialaugment": T.TrivialAugmentWide(RANDAUGMENT_BINS, bilinear),
+                   "augmix": T.AugMix(interpolation=bilinear)}[self.augment]
 
     def size_at(self, epoch):
         return progressive_size(epoch, self.resize_from, self.size, self.resize_epochs) if self.resize_from else self.size
@@ -185,22 +168,16 @@ class TrainTransform:
         if rng.random() < 0.5:
             x = x.flip(-1)
         if self.op is not None:
-            x = self.augmented(x, rng)
+            # torchvision's ops draw from torch's global RNG: seeded from `rng`, inside fork_rng (the caller's stays)
+            seed, ops = rng.getrandbits(63), [self.op]
+            if self.augment == "randaugment":  # timm draws each op's magnitude; the ops' choice stays torchvision's
+                ops = [self.op[randaugment_bin(rng.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0
+                                               else self.magnitude)] for _ in range(2)]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for op in ops:
+                    x = op(x)
         return x.permute(1, 2, 0).contiguous()
-
-    def augmented(self, x, rng):
-        # torchvision's ops draw from torch's global RNG: seed it from this sample's generator
-        # inside fork_rng, so that the caller's RNG stream is left as it was.
-        seed = rng.getrandbits(63)
-        ops = [self.op]
-        if self.augment == "randaugment":  # timm draws each op's magnitude; the ops' choice stays torchvision's
-            ops = [self.op[randaugment_bin(rng.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0
-                                           else self.magnitude)] for _ in range(2)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for op in ops:
-                x = op(x)
-        return x
 
 
 class ValTransform:
@@ -223,35 +200,30 @@ def sample_rng(seed, epoch, index, copy=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch augmentation on the device, after normalisation. The draws come from batch_seed(seed, step,
-# rank, micro), so a resumed run draws what it would have drawn; they are torchvision's own draws
-# (tested equal), from torch's CPU generator inside fork_rng: the run's random streams are untouched.
+# Batch augmentation on the device, after normalisation. The draws are torchvision's own (tested equal),
+# from torch's CPU generator seeded by batch_seed inside fork_rng: the run's random streams are untouched.
 
 def batch_seed(seed, step, rank, micro):
-    """The seed of micro-batch `micro` of optimizer step `step` on `rank`."""
+    """The seed of micro-batch `micro` of optimizer step `step` on `rank`: a resumed run draws what it would have."""
     return random.Random(f"batch/{seed}/{step}/{rank}/{micro}").getrandbits(63)
 
 
-def mixup(images, labels, num_classes, lam):
-    """lam * own + (1 - lam) * partner (the batch reversed, as timm), images and one-hot targets alike."""
+def mix(images, labels, num_classes, lam, box=None):
+    """Mixup (lam * own + (1 - lam) * partner) or, given `box`, cutmix (the partner's box pasted in, `lam` the
+    area kept); one-hot targets mix by `lam`. The partner is timm's, the batch reversed (v2's is the one before)."""
+    if box is None:
+        images = images.flip(0).mul_(1.0 - lam).add_(images.mul(lam))  # torchvision's MixUp's rounding
+    else:
+        left, top, right, bottom = box
+        images = images.clone()
+        images[..., top:bottom, left:right] = images.flip(0)[..., top:bottom, left:right]
     targets = F.one_hot(labels, num_classes).to(images.dtype)
-    images = images.flip(0).mul_(1.0 - lam).add_(images.mul(lam))  # torchvision's MixUp's rounding
     return images, targets.flip(0).mul_(1.0 - lam).add_(targets.mul(lam))
 
 
-def cutmix(images, labels, num_classes, box, lam):
-    """Paste `box` of each sample's partner (as in mixup) into it; targets mix by `lam`, the area kept."""
-    left, top, right, bottom = box
-    images = images.clone()
-    images[..., top:bottom, left:right] = images.flip(0)[..., top:bottom, left:right]
-    targets = F.one_hot(labels, num_classes).to(images.dtype)
-    return images, targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
-
-
 def random_erase_(images, p, scale=(0.02, 1 / 3), ratio=(0.3, 10 / 3)):
-    """timm's "pixel" random erasing, drawn as torchvision's RandomErasing(value="random"), in place.
-    The noise of all boxes reaches the device in one copy from pinned memory: no sync in the step
-    (torchvision's RandomErasing copies per image, waiting each time)."""
+    """timm's "pixel" random erasing in place, drawn as torchvision's RandomErasing(value="random") draws. All
+    the noise reaches the device in one copy from pinned memory (torchvision's copies per image, each a sync)."""
     height, width = images.shape[-2:]
     log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision has it
     boxes, noises = [], []
@@ -278,18 +250,15 @@ def random_erase_(images, p, scale=(0.02, 1 / 3), ratio=(0.3, 10 / 3)):
 
 def augment_batch(images, labels, num_classes, seed, erase=0.0, mixup_alpha=0.0, cutmix_alpha=0.0):
     """Random erasing, then mixup or cutmix (even odds when both are on, as timm switches) -> images,
-    targets (soft when mixed). lam and the box are torchvision's v2 MixUp / CutMix draws; the partner
-    stays timm's reversed batch (v2 pairs each sample with the one before it)."""
-    targets = labels
+    targets (soft when mixed). lam and the box are torchvision's v2 MixUp / CutMix draws."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if erase > 0:
             images = random_erase_(images, erase)
-        if mixup_alpha > 0 or cutmix_alpha > 0:
-            if cutmix_alpha > 0 and (mixup_alpha == 0 or torch.rand(1).item() < 0.5):
-                params = v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes).make_params([images])
-                images, targets = cutmix(images, labels, num_classes, params["box"], params["lam_adjusted"])
-            else:
-                params = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes).make_params([images])
-                images, targets = mixup(images, labels, num_classes, params["lam"])
-    return images, targets
+        if cutmix_alpha > 0 and (mixup_alpha == 0 or torch.rand(1).item() < 0.5):
+            params = v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes).make_params([images])
+            return mix(images, labels, num_classes, params["lam_adjusted"], params["box"])
+        if mixup_alpha > 0:
+            params = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes).make_params([images])
+            return mix(images, labels, num_classes, params["lam"])
+    return images, labels

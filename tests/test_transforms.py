@@ -183,7 +183,7 @@ def test_random_resized_crop_box_statistics():
 @pytest.mark.quick
 def test_mixup_blends_images_and_targets():
     images = torch.arange(3 * 3 * 2 * 2, dtype=torch.float32).view(3, 3, 2, 2)
-    mixed, targets = transforms.mixup(images, torch.tensor([0, 2, 1]), 4, lam=0.7)
+    mixed, targets = transforms.mix(images, torch.tensor([0, 2, 1]), 4, lam=0.7)
     torch.testing.assert_close(mixed[0], 0.7 * images[0] + 0.3 * images[2])
     # partners are samples 2, 1, 0 (labels 1, 2, 0)
     torch.testing.assert_close(targets, torch.tensor([[0.7, 0.3, 0.0, 0.0],
