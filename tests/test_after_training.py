@@ -259,7 +259,7 @@ def test_predict_usage_errors_are_one_line(small, tmp_path, capsys):
     for args, message in [([tmp_path / "none"], f"{tmp_path / 'none'} does not exist"),
                           ([tmp_path, "--output", tmp_path / "p.txt"], "FILE.csv or FILE.jsonl"),
                           ([tmp_path, "--weights", small / "w.pth"], "give --checkpoint CKPT or --weights FILE, not both"),
-                          ([tmp_path, "--top-k", 0], "--top-k must be in [1, inf), got 0"),
+                          ([tmp_path, "--top-k", 0], "--top-k must be positive, got 0"),
                           ([small / "images", "--image-size", 40, "--val-resize", 36],
                            "--val-resize 36 is smaller than --image-size 40")]:
         assert main([*args, "--checkpoint", small / "c1.pt"], predict) == 2
