@@ -1,18 +1,15 @@
 """The hand-written DDP loop that trains EfficientNet-B0..B7 on ImageNet, and `--evaluate`.
 
-    torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet       # NVIDIA's B0 recipe
-    python train.py --data demo                                          # a few CPU minutes, no ImageNet
+    python train.py --data demo                                               # a few CPU minutes, no ImageNet
     torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet --dry-run  # its time and memory first
-    torchrun --nproc_per_node=8 train.py --output-dir runs/b0 --resume auto  # continue a run
-    python train.py --evaluate --resume runs/b0/best.pt                   # with the run's own settings
-    python train.py --evaluate --weights efficientnet_b0.pth --data /imagenet
+    torchrun --nproc_per_node=8 train.py --arch b0 --data /imagenet            # NVIDIA's B0 recipe
+    torchrun --nproc_per_node=8 train.py --output-dir runs/b0 --resume auto    # continue a run
+    python train.py --evaluate --resume runs/b0/best.pt                        # with the run's own settings
 
-A run's checkpoint remembers its settings (flags.RUN_SETTINGS): --resume and --evaluate --resume
-use them, and a flag given on the command line overrides one (said in a note).
-Exit codes: 0 done (or --run-epochs done); 2 usage error, one line (also a CUDA out-of-memory);
-3 non-finite loss (nothing saved after it); 4 another process hung or died (rerun with --resume
-auto); 5 disk full (the previous last.pt kept); 75 preempted by SIGTERM/SIGUSR1 and 130 Ctrl-C
-(last.pt written: continue with --resume auto). Under torchrun a worker's code reaches the shell as 1.
+A checkpoint remembers its run's settings (flags.RUN_SETTINGS); a flag given overrides one, in a note.
+Exit codes: 0 done; 2 usage error (also a CUDA out-of-memory); 3 non-finite loss; 4 another process
+hung or died; 5 disk full; 75 preempted (SIGTERM/SIGUSR1) and 130 Ctrl-C, last.pt written. Under
+torchrun a worker's code reaches the shell as 1. What each means and its fix: docs/faults.md.
 """
 import argparse
 import contextlib
