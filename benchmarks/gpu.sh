@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check on one H200, bounded at 8 minutes by its limits (the machine's start not counted), in three Python
+# The GPU check on one H200, bounded at 9 minutes by its limits (the machine's start not counted), in three Python
 # processes that start CUDA (~30 s each):
 #   1. the CUDA test cases in one pytest process, at most TESTS_LIMIT s (TEST_LIMIT s a case; each
 #      result, a failure's short traceback included, printed as it comes: pytest_stream.py), while
@@ -16,8 +16,8 @@ OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
 DRY="" SLOW=1
 [ "${1:-}" = "--dry-run" ] && DRY="--dry-run" SLOW=10  # a busy CPU: limits only against hangs
-TESTS_LIMIT=$((165 * SLOW)) TEST_LIMIT=$((75 * SLOW)) WARM_LIMIT=$((190 * SLOW)) CHECK_LIMIT=$((270 * SLOW))
-BUDGET=225  # seconds for gpu_check's rows: CHECK_LIMIT less its CUDA start and the table
+TESTS_LIMIT=$((165 * SLOW)) TEST_LIMIT=$((75 * SLOW)) WARM_LIMIT=$((190 * SLOW)) CHECK_LIMIT=$((330 * SLOW))
+BUDGET=285  # seconds for gpu_check's rows: CHECK_LIMIT less its CUDA start and the table
 IMAGES=$([ -n "$DRY" ] && echo "--images 64 --links 2" || echo "--images 4096 --links 4")
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
