@@ -5,6 +5,7 @@ DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG (torchvision's ImageFolder
 (transforms.py); normalisation happens once, on the device (DeviceLoader).
 """
 import atexit
+import contextlib
 import ctypes
 import json
 import math
@@ -28,8 +29,6 @@ from utils import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-DEMO_CLASSES = ("disc", "ring", "square", "frame", "triangle", "cross",
-                "horizontal", "vertical", "diagonal", "checker")
 DEMO_SIZES = {"train": 2560, "val": 500}
 SYNTHETIC_SIZES = {"train": 1_281_167, "val": 50_000}  # ImageNet-1k, so epochs last as long
 BUILT_IN_DATA = ("demo", "synthetic")  # --data names that are not folders
@@ -62,17 +61,6 @@ def is_image_name(name):
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def list_class_folder(folder):
-    """(image files, other entries: what the data set leaves out, subfolders with a trailing /)."""
-    images, others = [], []
-    for entry in os.scandir(folder):
-        if entry.is_file() and is_image_name(entry.name):
-            images.append(entry.path)
-        else:
-            others.append(entry.path + os.sep if entry.is_dir() else entry.path)
-    return sorted(images), sorted(others)
-
-
 def skipped_note(*datasets, show=5):
     """The line to print about what these datasets' class folders hold besides images, or None."""
     skipped = sorted(path for d in datasets for path in getattr(d, "skipped_files", ()))
@@ -99,7 +87,13 @@ class ImageFolder(torch.utils.data.Dataset):
         self.samples, self.skipped_files = [], []
         for label, name in enumerate(self.classes):
             folder = os.path.join(root, name)
-            files, others = list_class_folder(folder)
+            files, others = [], []  # others: what the data set leaves out, subfolders with a trailing /
+            for entry in os.scandir(folder):
+                if entry.is_file() and is_image_name(entry.name):
+                    files.append(entry.path)
+                else:
+                    others.append(entry.path + os.sep if entry.is_dir() else entry.path)
+            files, others = sorted(files), sorted(others)
             if not files:
                 more = f" and {len(others) - 3} more" if len(others) > 3 else ""
                 held = f", only {', '.join(others[:3])}{more}" if others else ""
@@ -130,34 +124,39 @@ class ImageFolder(torch.utils.data.Dataset):
 
 # Other label orders and label sets for an ImageFolder's val set (train.py --evaluate).
 
-IMAGENET_INDEX = "imagenet-index"  # --class-map: folders named by their label, as ImageNet-V2's 0..999
-
-
-def read_class_names(path):
-    """The class names of a --class-map file: one a line, in label order (blank lines skipped)."""
-    if not os.path.isfile(path):
-        raise DataError(f"--class-map {path} does not exist (a file of class-folder names, or {IMAGENET_INDEX})")
-    names = [text for _, text in read_label_lines(path, "expected one class-folder name per line, in label order")]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise DataError(f"--class-map {path} names {', '.join(repeated[:3])} more than once: one line per label")
-    return names
+def read_label_lines(path, expected):
+    """[(line number, text)] of a text file's non-blank lines; none, or not text: DataError."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file: {expected}") from None
+    if not lines:
+        raise DataError(f"{path} is empty: {expected}")
+    return lines
 
 
 def apply_class_map(dataset, class_map):
-    """Relabel an ImageFolder by a file of folder names in label order, or "imagenet-index" (folder "7"
-    is label 7), instead of its sorted folder names ("10" before "2")."""
+    """Relabel an ImageFolder by a file of folder names, one a line in label order, or "imagenet-index"
+    (folders named by their label, as ImageNet-V2's 0..999), instead of its sorted folder names."""
     if not isinstance(dataset, ImageFolder):
         raise DataError("--class-map relabels class folders; --data demo and synthetic have none")
     folders = dataset.classes
-    if class_map == IMAGENET_INDEX:
+    if class_map == "imagenet-index":
         bad = [name for name in folders if not re.fullmatch(r"0|[1-9][0-9]*", name)]
         if bad:
-            raise DataError(f"--class-map {IMAGENET_INDEX} needs folders named by their label (0, 1, ..., as "
+            raise DataError(f"--class-map imagenet-index needs folders named by their label (0, 1, ..., as "
                             f"ImageNet-V2's), but {dataset.root} has {', '.join(bad[:3])}")
         names = [str(label) for label in range(max(int(name) for name in folders) + 1)]
     else:
-        names = read_class_names(class_map)
+        if not os.path.isfile(class_map):
+            raise DataError(f"--class-map {class_map} does not exist (a file of class-folder names, or imagenet-index)")
+        lines = read_label_lines(class_map, "expected one class-folder name per line, in label order")
+        names = [text for _, text in lines]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise DataError(f"--class-map {class_map} names {', '.join(repeated[:3])} more than once: "
+                            f"one line per label")
         unknown = [name for name in folders if name not in names]
         if unknown:
             raise DataError(f"--class-map {class_map} does not list the class folders {', '.join(unknown[:3])}"
@@ -203,19 +202,17 @@ class DemoShapes(torch.utils.data.Dataset):
     """Ten classes of shapes and gratings on noisy backgrounds, learnable from scratch in a few CPU
     minutes. Image i is a pure function of (split, i)."""
 
-    classes = list(DEMO_CLASSES)
+    classes = ["disc", "ring", "square", "frame", "triangle", "cross", "horizontal", "vertical", "diagonal", "checker"]
 
     def __init__(self, split, transform, seed=0, native_size=64):
         self.split, self.transform, self.seed, self.native_size = split, transform, seed, native_size
-        self.length = DEMO_SIZES[split]
 
     def __len__(self):
-        return self.length
+        return DEMO_SIZES[self.split]
 
     def render(self, index):
         g = np.random.default_rng([0 if self.split == "train" else 1, index])
-        label = index % len(self.classes)
-        n = self.native_size
+        label, n = index % len(self.classes), self.native_size
         yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
         background, foreground = g.uniform(0, 255, 3), g.uniform(0, 255, 3)
         while np.abs(background - foreground).sum() < 200:  # keep the shape visible
@@ -249,8 +246,7 @@ class Synthetic(torch.utils.data.Dataset):
     def __init__(self, split, size, seed=0, pool=32):
         g = torch.Generator().manual_seed(seed + (split == "val"))
         self.images = torch.randint(0, 256, (pool, size, size, 3), dtype=torch.uint8, generator=g)
-        self.length = SYNTHETIC_SIZES[split]
-        self.classes = [str(c) for c in range(1000)]
+        self.length, self.classes = SYNTHETIC_SIZES[split], [str(c) for c in range(1000)]
 
     def __len__(self):
         return self.length
@@ -258,18 +254,6 @@ class Synthetic(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index = sample_key(item)[0]
         return self.images[index % len(self.images)], (index * 7919) % 1000
-
-
-def read_label_lines(path, expected):
-    """[(line number, text)] of a text file's non-blank lines; none, or not text: DataError."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not a text file: {expected}") from None
-    if not lines:
-        raise DataError(f"{path} is empty: {expected}")
-    return lines
 
 
 def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, autoaugment=False,
@@ -321,14 +305,13 @@ def check_same_classes(data, train, val):
 # Samplers: which indices each rank reads
 
 class TrainSampler(torch.utils.data.Sampler):
-    """DistributedSampler semantics: a permutation from (seed, epoch) shared by all ranks, padded
-    with its first indices to a multiple of the world size, rank r taking every world-th index;
-    yields (index, epoch). `set_epoch(epoch, skip)` drops the first `skip` samples (those all ranks
-    used before a resume), so a run resumed mid-epoch, on any number of ranks, continues exactly.
-
-    `repeats` N > 1 (--repeated-aug, DeiT's RASampler): each index N times in a row, cut to the data
-    set's length (size / N images an epoch, each N times, the copies on N ranks when N <= world);
-    yields (index, epoch, copy), the copy entering the sample's generator."""
+    """DistributedSampler's semantics: one permutation from (seed, epoch) for all ranks, padded with its
+    first indices to a multiple of the world size, rank r taking every world-th; yields (index, epoch).
+    `set_epoch(epoch, skip)` drops the first `skip` samples (those all ranks used before a resume), so a
+    run resumed mid-epoch, on any number of ranks, continues exactly. `repeats` N > 1 (--repeated-aug,
+    DeiT's RASampler): each index N times in a row, cut to the data set's length (size / N images an
+    epoch, the copies on N ranks when N <= world); yields (index, epoch, copy), the copy entering the
+    sample's generator."""
 
     def __init__(self, size, rank=0, world_size=1, seed=0, repeats=1):
         self.size, self.rank, self.world_size, self.seed, self.repeats = size, rank, world_size, seed, repeats
@@ -345,17 +328,15 @@ class TrainSampler(torch.utils.data.Sampler):
             order = [(order[p // self.repeats], p % self.repeats) for p in range(self.size)]
         return order
 
-    def indices(self):
+    def __iter__(self):
         order = self.order()[self.skip:]
         total = len(self) * self.world_size
         while len(order) < total:  # pad with the first indices again, as DistributedSampler does
             order += order[: total - len(order)]
-        return order[self.rank:total:self.world_size]
-
-    def __iter__(self):
+        mine = order[self.rank:total:self.world_size]
         if self.repeats > 1:
-            return ((index, self.epoch, copy) for index, copy in self.indices())
-        return ((i, self.epoch) for i in self.indices())
+            return ((index, self.epoch, copy) for index, copy in mine)
+        return ((i, self.epoch) for i in mine)
 
     def __len__(self):
         return math.ceil((self.size - self.skip) / self.world_size)
@@ -365,41 +346,33 @@ class ShardSampler(torch.utils.data.Sampler):
     """Every world-th index from `rank`, no padding: an evaluation counts every image once."""
 
     def __init__(self, size, rank=0, world_size=1):
-        self.size, self.rank, self.world_size = size, rank, world_size
+        self.indices = range(rank, size, world_size)
 
     def __iter__(self):
-        return iter(range(self.rank, self.size, self.world_size))
+        return iter(self.indices)
 
     def __len__(self):
-        return len(range(self.rank, self.size, self.world_size))
+        return len(self.indices)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loaders
 
 def _worker_init(worker_id):
-    # Preemption signals are the main process's business (train.py): SLURM signals every process
-    # of a job step, and a worker killed by SIGTERM would crash the run before it can checkpoint.
-    # Ctrl-C reaches the whole process group: the main process stops the run, workers stay quiet.
+    # Preemption signals are the main process's business (train.py): SLURM signals every process of a
+    # job step and Ctrl-C the whole process group, and a worker they killed would crash the run unsaved.
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent()
+    # Linux: SIGKILL this worker when its process dies. Else a killed rank 0's workers live on for 5 s,
+    # holding the run folder's lock, and a job restarted sooner (--max-restarts) finds it in use.
+    with contextlib.suppress(OSError, AttributeError):  # no prctl (not Linux): the watchdog still ends them
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     torch.set_num_threads(1)
 
 
-def _die_with_parent():
-    """Linux: SIGKILL this worker when its process dies. Else a killed rank 0's workers live on for 5 s,
-    holding the run folder's lock, and a job restarted sooner (--max-restarts) finds it in use."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # no prctl (not Linux): the watchdog still ends them
-        pass
-
-
 def _kill_workers_at_exit():
-    # multiprocessing's own exit handler stops daemon children with SIGTERM, which the workers
-    # ignore, and then joins them: it would wait forever. This handler is registered later, so it
-    # runs first. (A loader that is garbage-collected shuts its workers down by itself.)
+    # multiprocessing's exit handler sends daemon children SIGTERM, which the workers ignore, then joins
+    # them: forever. This one, registered later, runs first (a collected loader stops its own workers).
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would report the kill as a crash
     for child in multiprocessing.active_children():
         if child.daemon:
@@ -433,8 +406,7 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=pin_memory, drop_last=train,  # equal, full batches on every rank in training
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init,
         collate_fn=gpu_decode.collate if decode_mode(dataset) == "gpu" else None,  # None: default_collate
         # Workers draw nothing from their seeds (see sample_rng); a private generator keeps the
         # loader from consuming the global torch RNG, whose state the checkpoints restore.
@@ -482,14 +454,6 @@ class DeviceLoader:
             return (self._to_device(batch) for batch in self.loader)
         return self._copy_ahead()
 
-    def _hand_over(self, ready):
-        """The compute stream waits for the side stream's work (the host does not), and owns `ready`."""
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self.stream)
-        for t in ready:
-            t.record_stream(compute)
-        return ready
-
     def _copy_ahead(self):
         upcoming = None
         for batch in self.loader:
@@ -497,7 +461,11 @@ class DeviceLoader:
                 ready = self._to_device(batch)
             if upcoming is not None:
                 yield upcoming
-            upcoming = self._hand_over(ready)
+            compute = torch.cuda.current_stream(self.device)  # waits for the side stream (the host does not)
+            compute.wait_stream(self.stream)
+            for t in ready:
+                t.record_stream(compute)  # and owns its tensors
+            upcoming = ready
         if upcoming is not None:
             yield upcoming
 

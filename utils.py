@@ -6,6 +6,7 @@ import fcntl
 import inspect
 import json
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -34,42 +35,38 @@ class DataError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Collectives: `env` is launch.Dist (or anything with its world_size and device)
 
-def all_reduce(tensor, env, op=dist.ReduceOp.SUM, group=None):
+def all_reduce(tensor, env, op=dist.ReduceOp.SUM):
     if env.world_size > 1:
-        dist.all_reduce(tensor, op=op, group=group)
+        dist.all_reduce(tensor, op=op)
     return tensor
 
 
 def broadcast_object(obj, env):
     """Rank 0's `obj` on every rank."""
-    if env.world_size == 1:
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if env.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def gather_objects(obj, env):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if env.world_size == 1:
-        return [obj]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
+    out = [obj] * env.world_size
+    if env.world_size > 1:
+        dist.all_gather_object(out, obj)
     return out
 
 
 def broadcast_buffers(module, env):
-    """Give every rank rank 0's BatchNorm statistics (each rank's running stats follow its own
-    batches), so that all ranks evaluate and save the very same model."""
+    """Rank 0's BatchNorm statistics on every rank (each follows its own batches): all evaluate and save one model."""
     if env.world_size > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
 
 
 def data_parallel(model, env):
-    """DDP for training. No BatchNorm buffer broadcast before every forward (DDP's default):
-    running statistics only matter for evaluation, and broadcast_buffers() gives every rank rank
-    0's before each one. Gradients live in DDP's all-reduce buckets (no gradient-sized copy)."""
+    """DDP, gradients in its all-reduce buckets (no gradient-sized copy), without its broadcast of BatchNorm
+    buffers before every forward: only evaluation uses running statistics, after broadcast_buffers()."""
     ddp = torch.nn.parallel.DistributedDataParallel
     # torch 2.13 renamed the switch (and deprecated the old name); with both, buffers start equal.
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
@@ -123,12 +120,13 @@ def set_rng_state(state, device=torch.device("cpu")):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint files. torch.save writes in place (a crash or a full disk mid-write leaves a truncated
-# last.pt), and torch.distributed.checkpoint writes a folder of shards that torch.load cannot read
-# and a pasted efficientnet.py cannot use; so a temporary file, fsync and rename, here.
+# Files. torch.save writes in place (a crash or a full disk mid-write leaves a truncated last.pt),
+# and torch.distributed.checkpoint writes a folder of shards that torch.load cannot read and a
+# pasted efficientnet.py cannot use; so a temporary file, fsync and rename, here.
 
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path):
+    """Flush a file's or a folder's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -149,15 +147,15 @@ def _megabytes(size):
     return f"{size / 2 ** 20:,.0f} MB" if size >= 2 ** 20 else f"{size / 2 ** 10:,.1f} kB"
 
 
-@contextlib.contextmanager
-def _replacing(path, size):
-    """Yields a hidden temporary name beside `path` to write (about `size` bytes); when the block
-    succeeds the file is renamed over `path` (atomic) and the folder fsynced, otherwise removed,
-    `path` untouched. A full disk raises DiskFull naming the folder and the space needed."""
+def write_atomic(path, write, size=0):
+    """`write(tmp)` writes the file under a hidden name beside `path`; it is fsynced, renamed over `path`
+    and the folder fsynced, so a crash leaves the old file or the new one. When anything raises, the
+    temporary is removed, `path` left as it was; a full disk raises DiskFull naming the space needed (`size`)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
-        yield tmp
+        write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -166,52 +164,50 @@ def _replacing(path, size):
             raise DiskFull(f"no space left in {folder} for {os.path.basename(path)}: it needs about "
                            f"{_megabytes(size)}, {_megabytes(shutil.disk_usage(folder).free)} are free") from None
         raise
-    _fsync_dir(folder)
+    _fsync(folder)
 
 
 def _tensor_bytes(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
+        obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    return obj.nbytes if isinstance(obj, torch.Tensor) else 0
 
 
 def save_atomic(state, path):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
-    moment leaves either the old file or the new one, never a partial one."""
-    with _replacing(path, _tensor_bytes(state)) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """torch.save(state, path) through write_atomic."""
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: a full disk comes up as its OSError (see _out_of_space)
+            torch.save(state, f)
+    write_atomic(path, save, _tensor_bytes(state))
 
 
 def copy_atomic(src, dst):
     """`dst` becomes the file `src` is now: a hard link (no copy) where the file system allows it."""
-    with _replacing(dst, os.path.getsize(src)) as tmp:
+    def link_or_copy(tmp):
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+    write_atomic(dst, link_or_copy, os.path.getsize(src))
 
 
-def write_atomic(path, write, size=0):
-    """`write(tmp)` writes the file under a temporary name beside `path` (for writers that take a
-    path: torch.export.save, ONNX); when it returns, the file is fsynced and renamed over `path`,
-    when it raises, the temporary is removed and `path` left as it was. `size`: about the bytes."""
-    with _replacing(path, size) as tmp:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+def write_text(path, text):
+    """Rewrite `path` with `text`, atomically."""
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text), len(text.encode()))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def remove_stale_temporaries(folder):
-    """Delete the temporary files of save_atomic / copy_atomic that a killed process left behind.
-    Only call it while holding the folder's lock (no live writer then)."""
+    """Delete what write_atomic left of killed processes; only while holding the folder's lock (no live writer)."""
     for name in os.listdir(folder):
         if name.startswith(".") and ".tmp." in name:
             os.remove(os.path.join(folder, name))
@@ -223,6 +219,31 @@ def existing_parent(path):
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
+
+
+def lock_run_dir(folder):
+    """Hold an exclusive lock on `folder` for this process's life; UsageError naming the run that holds it."""
+    handle = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"{folder} is in use by a running run ({owner}); wait for it to end or "
+                         f"choose another --output-dir") from None
+    handle.truncate(0)  # "a+": the write goes to the end, now 0
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
+
+
+def unlock_run_dir(handle):
+    """End the lock of lock_run_dir (None: nothing held) and remove the lock file."""
+    if handle is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(handle.name)
+        handle.close()
 
 
 READ_ATTEMPTS = 4  # a network file system's transient errors (EIO, ESTALE, timeouts) get 3 more tries
@@ -273,12 +294,11 @@ def load_checkpoint(path, what="checkpoint", advice="resume from another one"):
 
 
 def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
-    """(path, state) of the newest checkpoint in `folder` that loads, skipping corrupt ones and
-    reporting them in the third item; (None, None, skipped) when there is none."""
+    """(path, state, skipped) of the newest training checkpoint in `folder` that loads, `skipped`
+    saying why the newer ones did not; (None, None, skipped) when there is none."""
     candidates = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
-    candidates.sort(key=os.path.getmtime, reverse=True)
     skipped = []
-    for path in candidates:
+    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
         try:
             state = load_checkpoint(path)
         except UsageError as e:
@@ -290,8 +310,8 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
     return None, None, skipped
 
 
-RUN_FILES = re.compile(r"last\.pt|best\.pt|best-epoch\d+\.pt|args\.json|metrics\.jsonl")
-
+# ---------------------------------------------------------------------------------------------
+# The commands after training (predict.py, average.py, export.py): their outputs and errors
 
 def same_file(a, b):
     """Whether paths `a` and `b` name one file (links and other spellings included)."""
@@ -311,7 +331,7 @@ def refuse_overwriting(output, inputs, flag_name):
             raise UsageError(f"{flag_name} {output} is one of the inputs, which it would overwrite; "
                              f"write elsewhere, e.g. {flag_name} {elsewhere}")
     is_run = any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "args.json"))
-    if is_run and RUN_FILES.fullmatch(name):
+    if is_run and re.fullmatch(r"last\.pt|best\.pt|best-epoch\d+\.pt|args\.json|metrics\.jsonl", name):
         raise UsageError(f"{flag_name} {output} is a file of the run in {folder}, which needs it to resume; "
                          f"write elsewhere, e.g. {flag_name} {elsewhere}")
 
@@ -342,9 +362,8 @@ def writing(path):
 
 
 def run_command(work, output):
-    """work()'s exit code, for a command whose result is `output` (None: stdout): predict.py,
-    average.py, export.py. What stops it is one line on stderr; its writes are atomic, so an error
-    or Ctrl-C leaves `output` as it was."""
+    """work()'s exit code, for predict.py, average.py, export.py, whose result is `output` (None: stdout).
+    What stops it is one line on stderr; its writes are atomic: an error or Ctrl-C leaves `output` as it was."""
     try:
         code = work()
         sys.stdout.flush()  # here, where a reader that left is caught
@@ -365,69 +384,20 @@ def run_command(work, output):
     return code
 
 
-def write_text(path, text):
-    """Rewrite `path` with `text`, atomically."""
-    with _replacing(path, len(text.encode())) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def lock_run_dir(folder):
-    """Hold an exclusive lock on `folder` for this process's life; a folder locked by a running run
-    raises UsageError naming its owner."""
-    handle = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise UsageError(f"{folder} is in use by a running run ({owner}); wait for it to end or "
-                         f"choose another --output-dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle
-
-
-def unlock_run_dir(handle):
-    """End the lock of lock_run_dir (None: nothing held) and remove the lock file."""
-    if handle is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(handle.name)
-        handle.close()
-
-
 # ---------------------------------------------------------------------------------------------
-# Preemption
+# The training loop's helpers: preemption, non-finite steps, EMA, TensorBoard
 
 class StopSignal:
-    """Records SIGTERM, SIGUSR1 (SLURM's warning signal) and a first SIGINT (Ctrl-C) instead of
-    dying; a second SIGINT raises KeyboardInterrupt at once. The training loop asks `requested()`
-    at every step boundary, and all ranks agree if any rank got a signal, so that all stop at the
-    same step and save one checkpoint together. torch has no such agreement (torchrun forwards a
-    signal to every rank, SLURM may send it to one, at different steps).
-
-    With several processes the ranks agree through a small all_reduce on the CPU control group,
-    started without waiting and read at the next call: no rank waits for the others inside a step,
-    and a signal stops every rank one step after the check that sees it."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    """Records SIGTERM, SIGUSR1 (SLURM's warning signal) and a first SIGINT (Ctrl-C) instead of dying;
+    a second SIGINT raises KeyboardInterrupt at once. All ranks agree on a signal any rank got (torchrun
+    forwards it to every rank, SLURM may send it to one, at different steps), so that all stop at the
+    same step and save one checkpoint together: through a small all_reduce on the CPU control group,
+    started without waiting and read at the next `requested()`, so no rank waits inside a step."""
 
     def __init__(self, env):
         self.env, self.name = env, None
         self._pending = None  # (work, flag tensor) of the all_reduce in flight
-        self._before = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+        self._before = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
     def close(self):
         """Give the signals back to the handlers they had (a notebook or test that ran main())."""
@@ -440,10 +410,6 @@ class StopSignal:
             raise KeyboardInterrupt
         self.name = self.name or signal.Signals(signum).name
 
-    def _start(self):
-        flag = torch.tensor([signal.Signals[self.name].value if self.name else 0])
-        self._pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True), flag
-
     def _finish(self):
         """Waits for the all_reduce in flight: True if any rank had a signal when it started it."""
         (work, flag), self._pending = self._pending, None
@@ -454,20 +420,17 @@ class StopSignal:
         return bool(number)
 
     def requested(self, now=False):
-        """Collective: every rank must call it at the same steps, with the same `now`. Decides on
-        reduced values only (a signal that arrives meanwhile is seen at the next check). `now`
-        decides at this very call (blocking): at the end of an epoch, before starting another.
-        Afterwards `name` is the signal on every rank, whichever rank received it."""
+        """Collective: every rank calls it at the same steps, with the same `now`. True when any rank
+        had a signal at the previous check (decided on reduced values only), or with `now` (blocking,
+        at the end of an epoch) at this one. Afterwards `name` is the signal on every rank."""
         if self.env.world_size == 1:
             return self.name is not None
         if self._pending is not None and self._finish():
             return True
-        self._start()
+        flag = torch.tensor([signal.Signals[self.name].value if self.name else 0])
+        self._pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True), flag
         return self._finish() if now else False
 
-
-# ---------------------------------------------------------------------------------------------
-# Non-finite steps
 
 class NonFiniteWatch:
     """Counts bad (non-finite) steps on the device, without synchronising: `skipped` in all, and
@@ -494,9 +457,6 @@ class NonFiniteWatch:
         return None if trip == self.NEVER else trip
 
 
-# ---------------------------------------------------------------------------------------------
-# Exponential moving average of the weights
-
 class EMA:
     """ema = mu * ema + (1 - mu) * model for every floating-point parameter and buffer, with
     NVIDIA's warm-up of the decay: mu = min(decay, (1 + step) / (10 + step))."""
@@ -519,9 +479,6 @@ class EMA:
     def load_state_dict(self, state):
         self.module.load_state_dict(state)
 
-
-# ---------------------------------------------------------------------------------------------
-# TensorBoard (optional package)
 
 class TensorBoard:
     """`--tensorboard`: the interval and epoch figures as scalars in OUTPUT_DIR/tensorboard, for
