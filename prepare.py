@@ -47,7 +47,6 @@ def need(path, what, kind="folder"):
 
 
 # python prepare.py check DATA
-
 def conversion(mode):
     """What load_rgb does to an image of PIL `mode` that is not RGB, in words."""
     return {"L": "grayscale, copied to R, G and B", "1": "black and white, copied to R, G and B",
@@ -93,17 +92,16 @@ def _inspect_packed(job):
     split, i = job
     reader = _CHECKED[split]
     name, label, shard = reader.names[i], reader.labels[i], int(reader.shard_of[i])
-    expected = shards.sample_headers(reader.names, reader.table, i)  # (offset, tar name, size) of file and label
-    (start, member, size), (cls_at, _, _) = expected
+    (start, member, size), (cls_at, cls_member, cls_size) = shards.sample_headers(reader.names, reader.table, i)
     path = reader.paths[shard]
     shown = f"{name} in {path}"
     try:
         block = reader.read_span(shard, start, cls_at - start + 2 * shards.TAR_BLOCK, f"sample {name}")
     except DataError as e:
         return shown, str(e), None
-    header, cls = (shards.tar_header(block[at - start:]) for at, _, _ in expected)
+    header, cls = shards.tar_header(block), shards.tar_header(block[cls_at - start:])
     cls_text = block[cls_at - start + shards.TAR_BLOCK:][:cls[1]]
-    if [header, cls, cls_text] != [expected[0][1:], expected[1][1:], str(label).encode()]:
+    if [header, cls, cls_text] != [(member, size), (cls_member, cls_size), str(label).encode()]:
         return shown, f"the shard holds {header[0]} ({header[1]} bytes), {cls[0]} = {cls_text[:10]!r} where the " \
                       f"index says {member} ({size} bytes) of label {label}: remove {path} and " \
                       f"{shards.repair(os.path.dirname(path))}", None  # the pack command rewrites a missing shard
@@ -140,14 +138,12 @@ def check(root, workers):
         jobs, skipped = list_files(root)
     if not jobs:
         raise DataError(f"no image files under {root} ({', '.join(data.IMG_EXTENSIONS)})")
-    bad, odd = [], []
     with Pool(workers, _start_worker, (readers,)) as pool:
-        for path, problem, oddity in tqdm(pool.imap_unordered(inspect, jobs, chunksize=64), total=len(jobs),
-                                          desc="decoding", unit="img", disable=not sys.stderr.isatty()):
-            if problem:
-                bad.append((path, problem))
-            elif oddity:
-                odd.append((path, oddity))
+        results = tqdm(pool.imap_unordered(inspect, jobs, chunksize=64), total=len(jobs), desc="decoding", unit="img",
+                       disable=not sys.stderr.isatty())
+        found = [(path, problem, oddity) for path, problem, oddity in results if problem or oddity]
+    bad = [(path, problem) for path, problem, _ in found if problem]
+    odd = [(path, oddity) for path, _, oddity in found if oddity]
     for path in skipped:
         print(f"not an image (training skips it): {path}")
     for path, oddity in sorted(odd):
@@ -160,7 +156,6 @@ def check(root, workers):
 
 
 # python prepare.py sort-val VAL --labels FILE
-
 WNID = re.compile(r"n[0-9]{8}")  # a WordNet id: the only class names sort-val creates folders for
 LABEL_FILES = "expected LOC_val_solution.csv, one wnid per line, or the devkit's ILSVRC2012_validation_ground_truth.txt"
 
@@ -278,11 +273,10 @@ def sort_val(val_dir, labels, meta=None, out=None):
     check_writable(out, "--out" if out != val_dir else "val folder")
     verb, done = "moved" if out == val_dir else "linked", 0
     try:
-        for name in todo:
+        for done, name in enumerate(todo):  # `done`: the images moved before this one
             os.makedirs(os.path.join(out, labelled[name]), exist_ok=True)
             src, dst = os.path.join(val_dir, name), os.path.join(out, labelled[name], name)
             (os.replace if out == val_dir else os.link)(src, dst)  # a link: no copy of 6 GB
-            done += 1
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"sort-val stopped: {verb} {done} of {len(todo)} images into class folders of "
                                 f"{out}; the same command finishes it") from None
@@ -296,7 +290,6 @@ def sort_val(val_dir, labels, meta=None, out=None):
 
 
 # python prepare.py pack DATA OUT
-
 def parse_size(text):
     """'1GB', '500MB', '64KiB', '1000000' -> bytes (kB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary)."""
     match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)\s*([kKMGT]i?B|B)?", text.strip())

@@ -1,8 +1,8 @@
 """The published EfficientNet recipes behind train.py's `--recipe`, as one table, and how a recipe
 becomes a run's settings.
 
-Every value is a train.py setting (argparse dest). `None` keeps the member's own default (dropout
-and learning rate by size, BatchNorm of the tf_ archs, ...); a function computes the value from the
+Every value is a train.py setting (argparse dest). `None` keeps the default (the member's own for
+dropout and learning rate by size, BatchNorm of the tf_ archs, ...); a function computes it from the
 other resolved settings. A flag given on the command line wins over the recipe. Learning rates
 are per 4096 images (train.py scales --lr and --warmup-lr to the real global batch), each
 converted once from the batch it was published with: lr_4096 = lr_published * 4096 / batch.
@@ -10,11 +10,6 @@ converted once from the batch it was published with: lr_4096 = lr_published * 40
 from efficientnet import member
 from utils import UsageError
 
-# The settings a recipe may set, in the order the start-up line shows them.
-KEYS = ("opt", "lr", "sched", "decay_epochs", "decay_rate", "warmup_epochs", "warmup_lr", "epochs", "weight_decay",
-        "no_bn_weight_decay", "label_smoothing", "dropout", "drop_path", "bn_eps", "bn_momentum", "ema_decay",
-        "augment", "randaugment_magnitude", "magnitude_std", "random_erase", "mixup", "cutmix", "repeated_aug",
-        "train_size", "val_resize", "val_interpolation")
 # Settings this module adds to train.RUN_SETTINGS (stored in checkpoints, reused on --resume).
 RUN_SETTINGS = ("recipe", "train_size", "progressive_resize", "progressive_epochs", "augment", "randaugment_magnitude",
                 "magnitude_std", "random_erase", "cutmix", "repeated_aug", "sched", "decay_epochs", "decay_rate",
@@ -32,56 +27,46 @@ def torchvision_train_size(args):
     return max(8, 8 * round(args.image_size * 300 / 384 / 8))
 
 
+# The seed's values (train.py's defaults) of every setting a recipe may set, in the order the start-up line shows
+# them; each other recipe is written as its differences from these.
+SEED = {"opt": "rmsprop", "lr": None, "sched": "cosine", "decay_epochs": None, "decay_rate": None, "warmup_epochs": 16,
+        "warmup_lr": 0.0, "epochs": 400, "weight_decay": None, "no_bn_weight_decay": False, "label_smoothing": 0.1,
+        "dropout": None, "drop_path": 0.2, "bn_eps": None, "bn_momentum": None, "ema_decay": 0.0, "augment": "none",
+        "randaugment_magnitude": None, "magnitude_std": None, "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0,
+        "repeated_aug": 1, "train_size": None, "val_resize": None, "val_interpolation": "bicubic"}
 RECIPES = {
     "seed": {
         "source": "the seed's model card: NVIDIA DeepLearningExamples' EfficientNet recipe with weight decay on "
                   "BatchNorm and BatchNorm momentum 0.1 / eps 1e-5 (shared/reference/RECIPE.md)",
-        "values": {"opt": "rmsprop", "lr": None, "sched": "cosine", "warmup_epochs": 16, "warmup_lr": 0.0,
-                   "epochs": 400, "weight_decay": None, "no_bn_weight_decay": False, "label_smoothing": 0.1,
-                   "dropout": None, "drop_path": 0.2, "bn_eps": None, "bn_momentum": None, "ema_decay": 0.0,
-                   "augment": "none", "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "repeated_aug": 1,
-                   "train_size": None, "val_resize": None, "val_interpolation": "bicubic"}},
+        "values": SEED},
     "nvidia": {
         "source": "NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets configs.yml, B0 and B4 "
                   "(lr 0.08 / 0.16 at their global batch of 4096)",
-        "values": {"opt": "rmsprop", "lr": None, "sched": "cosine", "warmup_epochs": 16, "warmup_lr": 0.0,
-                   "epochs": 400, "weight_decay": None, "no_bn_weight_decay": True, "label_smoothing": 0.1,
-                   "dropout": None, "drop_path": nvidia_drop_path, "bn_eps": 1e-3, "bn_momentum": 0.01,
-                   "ema_decay": 0.0, "augment": "autoaugment", "random_erase": 0.0, "mixup": 0.2, "cutmix": 0.0,
-                   "repeated_aug": 1, "train_size": None, "val_resize": None, "val_interpolation": "bicubic"}},
+        "values": dict(SEED, no_bn_weight_decay=True, drop_path=nvidia_drop_path, bn_eps=1e-3, bn_momentum=0.01,
+                       augment="autoaugment", mixup=0.2)},
     "google": {
         "source": "Tan & Le 2019, section 5.2, and tensorflow/tpu models/official/efficientnet "
                   "(lr 0.016 per 256 images -> 0.256 per 4096)",
-        "values": {"opt": "rmsproptf", "lr": 0.016 * 4096 / 256, "sched": "step", "decay_epochs": 2.4,
-                   "decay_rate": 0.97, "warmup_epochs": 5, "warmup_lr": 0.0, "epochs": 350, "weight_decay": 1e-5,
-                   "no_bn_weight_decay": True,  # TF's L2 term skips the batch_normalization variables
-                   "label_smoothing": 0.1, "dropout": None, "drop_path": 0.2, "bn_eps": 1e-3, "bn_momentum": 0.01,
-                   "ema_decay": 0.9999, "augment": "autoaugment", "random_erase": 0.0, "mixup": 0.0,
-                   "cutmix": 0.0, "repeated_aug": 1, "train_size": None, "val_resize": None,
-                   "val_interpolation": "bicubic"}},
+        "values": dict(SEED, opt="rmsproptf", lr=0.016 * 4096 / 256, sched="step", decay_epochs=2.4, decay_rate=0.97,
+                       warmup_epochs=5, epochs=350, weight_decay=1e-5, bn_eps=1e-3, bn_momentum=0.01, ema_decay=0.9999,
+                       augment="autoaugment", no_bn_weight_decay=True)},  # TF's L2 term skips batch_normalization/*
     "timm-ra": {
         "source": "pytorch-image-models hfdocs training_hparam_examples, EfficientNet-B0 with RandAugment, 77.7 % "
                   "(lr .048 at 2 x 384 = 768 images -> 0.256 per 4096; warmup: train.py's default of 3 epochs)",
-        "values": {"opt": "rmsproptf", "lr": 0.048 * 4096 / 768, "sched": "step", "decay_epochs": 2.4,
-                   "decay_rate": 0.97, "warmup_epochs": 3, "warmup_lr": 1e-6 * 4096 / 768, "epochs": 450,
-                   "weight_decay": 1e-5,
-                   "no_bn_weight_decay": True,  # timm's optimizer factory skips 1-d parameters by default
-                   "label_smoothing": 0.1, "dropout": None, "drop_path": 0.2, "bn_eps": None, "bn_momentum": None,
-                   "ema_decay": 0.9999, "augment": "randaugment", "randaugment_magnitude": 9.0,
-                   "magnitude_std": 0.5, "random_erase": 0.2, "mixup": 0.0, "cutmix": 0.0, "repeated_aug": 1,
-                   "train_size": None, "val_resize": None, "val_interpolation": "bicubic"}},
+        "values": dict(SEED, opt="rmsproptf", lr=0.048 * 4096 / 768, sched="step", decay_epochs=2.4, decay_rate=0.97,
+                       warmup_epochs=3, warmup_lr=1e-6 * 4096 / 768, epochs=450, weight_decay=1e-5, ema_decay=0.9999,
+                       no_bn_weight_decay=True,  # timm's optimizer factory skips 1-d parameters by default
+                       augment="randaugment", randaugment_magnitude=9.0, magnitude_std=0.5, random_erase=0.2)},
     "torchvision": {
         "source": "pytorch/vision references/classification README, the EfficientNet-V2 command (SGD lr 0.5 at "
                   "8 x 128 = 1024 images -> 2.0 per 4096; EMA 0.99998 every 32 steps -> 0.999966 per step)",
-        "values": {"opt": "sgd", "lr": 0.5 * 4096 / 1024, "sched": "cosine", "warmup_epochs": 5,
-                   "warmup_lr": 0.01 * 0.5 * 4096 / 1024,  # --lr-warmup-decay 0.01 (their default)
-                   "epochs": 600, "weight_decay": 2e-5, "no_bn_weight_decay": True, "label_smoothing": 0.1,
-                   "dropout": None, "drop_path": 0.2, "bn_eps": None, "bn_momentum": None,
-                   # their EMA: every 32 steps with decay 1 - 2e-5 * 1024 * 32 / 600; per step, its 32nd root
-                   "ema_decay": (1 - 2e-5 * 1024 * 32 / 600) ** (1 / 32),
-                   "augment": "trivialaugment", "random_erase": 0.1, "mixup": 0.2, "cutmix": 1.0, "repeated_aug": 4,
-                   "train_size": torchvision_train_size, "val_resize": lambda args: args.image_size,
-                   "val_interpolation": "bilinear"}},
+        "values": dict(SEED, opt="sgd", lr=0.5 * 4096 / 1024, warmup_epochs=5, epochs=600,
+                       warmup_lr=0.01 * 0.5 * 4096 / 1024,  # --lr-warmup-decay 0.01 (their default)
+                       weight_decay=2e-5, no_bn_weight_decay=True, augment="trivialaugment", random_erase=0.1,
+                       mixup=0.2, cutmix=1.0, repeated_aug=4, train_size=torchvision_train_size,
+                       val_resize=lambda args: args.image_size, val_interpolation="bilinear",
+                       # their EMA: every 32 steps with decay 1 - 2e-5 * 1024 * 32 / 600; per step, its 32nd root
+                       ema_decay=(1 - 2e-5 * 1024 * 32 / 600) ** (1 / 32))},
 }
 
 
@@ -139,16 +124,16 @@ def describe(args):
     """The start-up line: the recipe, where its numbers come from, and every setting it covers as
     resolved for this run (flags given included)."""
     shown = []
-    for name in KEYS:
+    for name in SEED:
         value = getattr(args, name)
         if (name in ("decay_epochs", "decay_rate") and args.sched != "step") or \
                 (name in ("randaugment_magnitude", "magnitude_std") and args.augment != "randaugment"):
             continue
+        flag = f"--{name.replace('_', '-')}"
         if isinstance(value, bool):  # a switch: shown when on
-            shown += [f"--{name.replace('_', '-')}"] if value else []
+            shown += [flag] if value else []
         else:
-            shown.append(f"--{name.replace('_', '-')} {value:.6g}" if isinstance(value, float) else
-                         f"--{name.replace('_', '-')} {value}")
+            shown.append(f"{flag} {value:.6g}" if isinstance(value, float) else f"{flag} {value}")
     if args.progressive_resize:
         shown.append(f"--progressive-resize {args.progressive_resize} --progressive-epochs {args.progressive_epochs:g}")
     return f"recipe {args.recipe} ({RECIPES[args.recipe]['source']}): {' '.join(shown)}"

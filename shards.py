@@ -26,7 +26,7 @@ PACK_FORMAT = "efficientnet-pack/1"
 PACK_INDEX = "index.json"  # written last: a folder holding it is a complete pack
 PACK_HEAD = "pack.json"  # written first and kept: the source and shard size, for the repair command
 TABLE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i4")])
-INDEX_KEYS = ("classes", "shards", "names", "shard_bytes", "skipped_files")  # a split's, beside its checksum
+INDEX_KEYS = ("classes", "shards", "names", "shard_bytes", "skipped_files", "table_sha256")  # a split's
 TAR_BLOCK = 512
 MAX_OPEN_SHARDS = 256  # per process; the one opened first is closed to open another
 READ_AHEAD = 64  # files read at once, by as many threads, while packing (a network file system's latency)
@@ -43,8 +43,7 @@ def read_json(pack, name, advise=True):
     """The pack's index or head, checked to be one; None when missing."""
     path = os.path.join(pack, name)
     try:
-        with open(path) as f:
-            held = json.load(f)
+        held = json.loads(pathlib.Path(path).read_text())
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -78,10 +77,8 @@ def member_name(index, name, label=None):
     """The tar name of sample `index`, or with `label` of its label: <key>.jpg (.png, ...) or <key>.cls,
     the key the index and the file's stem, without dots (WebDataset's key ends at the first one)."""
     stem, ext = os.path.splitext(os.path.basename(name))
-    key = f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:60]}"
-    if label is not None:
-        return key + ".cls"
-    return key + (".jpg" if ext.lower() in (".jpg", ".jpeg") else ext.lower())
+    ext = ".cls" if label is not None else {".jpeg": ".jpg"}.get(ext.lower(), ext.lower())
+    return f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:60]}{ext}"
 
 
 def tar_member_bytes(size):
@@ -199,34 +196,31 @@ class ShardReader:
 
 
 # The writer
-
 def tar_file_bytes(members_end):
     """A tar file's size: its members, two zero blocks, padded to whole records (as tarfile ends it)."""
     return -(-(members_end + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 def plan_split(split, folder, shard_size):
-    """The index entry of `folder` (listed class folders), its table, and its files and their mtimes."""
+    """The index entry of `folder` (listed class folders), its table (and as .npy bytes), its files and mtimes."""
     sources = [path for path, _ in folder.samples]
     with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:  # a network file system's latency
         stats = list(pool.map(os.stat, sources))
-    shard_of, offsets, shard_bytes, pos = [], [], [], 0
+    rows, shard_bytes, pos = [], [], 0  # rows of the table: (shard, offset, size, label)
     for (_, label), st in zip(folder.samples, stats):
         need = tar_member_bytes(st.st_size) + tar_member_bytes(len(str(label)))
         if pos and tar_file_bytes(pos + need) > shard_size:
             shard_bytes.append(tar_file_bytes(pos))
             pos = 0
-        shard_of.append(len(shard_bytes))
-        offsets.append(pos + TAR_BLOCK)
+        rows.append((len(shard_bytes), pos + TAR_BLOCK, st.st_size, label))
         pos += need
     shard_bytes.append(tar_file_bytes(pos))
-    table = np.zeros(len(sources), TABLE)
-    table["shard"], table["offset"], table["size"] = shard_of, offsets, [st.st_size for st in stats]
-    table["label"] = [label for _, label in folder.samples]
+    table, npy = np.array(rows, TABLE), io.BytesIO()
+    np.save(npy, table)
     return {"classes": folder.classes, "shards": [f"{split}-{n:06d}.tar" for n in range(len(shard_bytes))],
             "names": [os.path.relpath(path, folder.root) for path in sources], "shard_bytes": shard_bytes,
-            "skipped_files": folder.skipped_files, "table": table, "sources": sources,
-            "mtimes": [st.st_mtime_ns for st in stats]}
+            "skipped_files": folder.skipped_files, "table_sha256": hashlib.sha256(npy.getvalue()).hexdigest(),
+            "table": table, "npy": npy.getvalue(), "sources": sources, "mtimes": [st.st_mtime_ns for st in stats]}
 
 
 def write_shard(path, plan, members):
@@ -289,11 +283,7 @@ def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
                                          p["table"]["size"].tolist(), p["mtimes"]] for split, p in plans.items()]
     head = {"format": PACK_FORMAT, "source": os.path.abspath(data), "shard_size": shard_size,
             "identity": hashlib.sha256(json.dumps(what).encode()).hexdigest()}
-    tables, index = {split: io.BytesIO() for split in plans}, dict(head, splits={})
-    for split, plan in plans.items():
-        np.save(tables[split], plan["table"])
-        index["splits"][split] = {key: plan[key] for key in INDEX_KEYS}
-        index["splits"][split]["table_sha256"] = hashlib.sha256(tables[split].getvalue()).hexdigest()
+    index = dict(head, splits={split: {key: plan[key] for key in INDEX_KEYS} for split, plan in plans.items()})
     held = held_files(out, head["identity"], plans)
     todo = [(plan, path, list(samples)) for plan in plans.values()  # the shards missing or damaged
             for path, samples, problem in shard_problems(out, plan, plan["table"]) if problem]
@@ -305,8 +295,8 @@ def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
     utils.write_text(os.path.join(out, PACK_HEAD), json.dumps(head))
     for plan, path, members in tqdm(todo, desc="packing", unit="shard", disable=not sys.stderr.isatty()):
         write_shard(path, plan, members)
-    for split, content in tables.items():
+    for split, plan in plans.items():
         utils.write_atomic(os.path.join(out, f"{split}.npy"),
-                           lambda tmp, content=content: pathlib.Path(tmp).write_bytes(content.getvalue()))
+                           lambda tmp, npy=plan["npy"]: pathlib.Path(tmp).write_bytes(npy))
     utils.write_text(os.path.join(out, PACK_INDEX), json.dumps(index))
     return counts, False
