@@ -133,11 +133,12 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def project(m, args, env, steps_per_epoch, val_batches, epochs_left, start_epoch):
+def project(m, args, env, steps_per_epoch, val_images, epochs_left, start_epoch):
     """The measured figures `m` -> the run's: per epoch (its loader start, steps, saves, and the
     evaluation when it has one) and in all, start-up included."""
     saves = 1 + (steps_per_epoch - 1) // args.save_every_steps if args.save_every_steps else 1
     train = m["loader_start"] + steps_per_epoch * m["step_seconds"] + saves * m["save_seconds"]
+    val_batches = math.ceil(math.ceil(val_images / env.world_size) / args.batch_size)
     evaluation = m["eval_start"] + val_batches * m["eval_batch_seconds"]
     evaluated = sum(1 for e in range(start_epoch, start_epoch + epochs_left)
                     if args.eval_every and ((e + 1) % args.eval_every == 0 or e + 1 == args.epochs))
@@ -162,18 +163,12 @@ def report(figures, args, env, steps, say):
 
 
 def duration(seconds):
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h" if seconds < 72 * 3600 else f"{seconds / 86400:.1f} days"
+    units = (("days", 86400), ("h", 3600), ("min", 60), ("s", 1))
+    unit, size = next((unit, size) for unit, size in units if seconds >= 2 * size or size == 1)
+    return f"{seconds / size:.1f} {unit}"
 
 
 def steps_to_measure(available):
     """(warm-up steps, measured steps) that one pass of the train set allows."""
     warmup = min(WARMUP_STEPS, max(1, available // 4))
     return warmup, max(1, min(MEASURED_STEPS, available - warmup))
-
-
-def val_batches(val_images, world_size, batch):
-    return math.ceil(math.ceil(val_images / world_size) / batch)

@@ -400,8 +400,7 @@ def dry_run(r, start_epoch, build_seconds):
     m["save_seconds"] = cost.time_save(lambda: save(r, start_epoch, 0), args, env)
     m["peak_memory_mb"] = cost.peak_memory_mb(env.device)
     m = cost.slowest(m, env)
-    figures = cost.project(m, args, env, r.steps_per_epoch, cost.val_batches(len(r.val_set), env.world_size,
-                           args.batch_size), args.epochs - start_epoch, start_epoch)
+    figures = cost.project(m, args, env, r.steps_per_epoch, len(r.val_set), args.epochs - start_epoch, start_epoch)
     cost.report(figures, args, env, measured, lambda message: log(env, message))
     return 0
 
