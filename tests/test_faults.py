@@ -285,3 +285,18 @@ def test_a_class_map_that_relabels_the_checkpoint_s_classes_is_refused(data_root
     fails_with(capsys, [*evaluate, "--class-map", str(tmp_path / "swapped.txt")],
                f"--class-map {tmp_path / 'swapped.txt'} gives class b label 0, but the checkpoint was trained with "
                f"it as label 1: list the class folders in the checkpoint's order (a, b, c, ...), or leave --class-map out")
+
+
+@pytest.mark.quick
+def test_memory_stays_flat_as_repeated_aug_grows():
+    """The sampler holds one epoch's positions whatever --repeated-aug is (DeiT's form held size x N)."""
+    import tracemalloc
+    import data
+    peaks = []
+    for repeats in (1, 2, 100, 10_000):
+        tracemalloc.start()
+        sampler = data.TrainSampler(20_000, rank=1, world_size=2, seed=0, repeats=repeats)
+        assert len(sampler.order()) == 20_000 and len(list(sampler)) == 10_000
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert max(peaks[1:]) < 1.5 * peaks[1], peaks  # the (index, copy) pairs: flat from 2 to 10,000 repeats
