@@ -300,3 +300,16 @@ def test_memory_stays_flat_as_repeated_aug_grows():
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert max(peaks[1:]) < 1.5 * peaks[1], peaks  # the (index, copy) pairs: flat from 2 to 10,000 repeats
+
+
+def test_a_checkpoint_with_weights_or_another_class_count_is_refused(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(quick(data_root, out, "--epochs", "1", "--steps-per-epoch", "1")) == 0
+    capsys.readouterr()
+    ckpt = str(out / "last.pt")
+    fails_with(capsys, quick(data_root, tmp_path / "b", "--resume", ckpt, "--weights", ckpt),
+               "give --resume CHECKPOINT (continue a run) or --weights (start from weights), not both")
+    fails_with(capsys, ["--data", data_root, *TINY, "--evaluate", "--resume", ckpt, "--num-classes", "5"],
+               "the checkpoint's model has 3 classes, not --num-classes 5: fine-tune from it with --weights "
+               "CHECKPOINT (a new run)")
+    assert sorted(os.listdir(out)) == ["args.json", "last.pt", "metrics.jsonl"]  # nothing of the run touched
