@@ -24,7 +24,8 @@ def fits(model, batch, args, device, amp_dtype):
     """Whether one micro-batch of `batch` random images goes forward and backward through `model`
     (the unwrapped one: no collective, so that a rank which runs out of memory cannot hang the
     others); gradients are dropped afterwards."""
-    images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    size = args.train_size or args.image_size  # the train crop (the largest with --progressive-resize)
+    images = torch.randn(batch, 3, size, size, device=device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(args.num_classes, (batch,), device=device)
@@ -83,7 +84,7 @@ def batch_that_fits(model, args, env, amp_dtype):
                        f" keeps the global batch)" if found else f"{how} not even a batch of 1 fits")
     model.set_grad_checkpointing(checkpointing)
     return (f"--batch-size {args.batch_size} does not fit in the {env.device.type} memory of a process (measured at "
-            f"{args.image_size}px): " + "; ".join(answers))
+            f"{args.train_size or args.image_size}px): " + "; ".join(answers))
 
 
 def eval_timing(model, loader, amp_dtype, device, batches=EVAL_BATCHES):
@@ -152,7 +153,7 @@ def project(m, args, env, steps_per_epoch, val_images, epochs_left, start_epoch)
 def report(figures, args, env, steps, say):
     """A few lines for people, then one JSON line with the same figures."""
     f = figures
-    say(f"dry run: {steps} steps of {args.arch} at {args.image_size}px, batch {args.batch_size} x "
+    say(f"dry run: {steps} steps of {args.arch} at {args.train_size or args.image_size}px, batch {args.batch_size} x "
         f"{env.world_size} process(es) x {args.accum_steps} accumulation, amp {args.amp}, {args.workers} worker(s)")
     say(f"  {f['images_per_sec']:.1f} img/s in all, {f['images_per_sec_per_process']:.1f} per process; "
         f"waiting for data {100 * f['data_share']:.0f}% of the step time")
