@@ -22,7 +22,6 @@ from PIL import Image
 import gpu_decode
 import shards
 import utils
-from gpu_decode import EncodedTrainTransform
 from transforms import TrainTransform, ValTransform, decode_rgb, sample_rng
 from utils import DataError
 
@@ -41,14 +40,19 @@ def sample_key(item):
     return (*item, 0) if len(item) == 2 else item
 
 
+def need(path, what, kind="folder", hint=""):
+    if not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
+        problem = ("does not exist" if not os.path.exists(path) else "is a file, not a folder" if kind == "folder"
+                   else "is a folder, not a file" if os.path.isdir(path) else "is not a regular file")
+        raise DataError(f"{what} {path} {problem}" + (f" ({hint})" if hint else ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # Datasets. Items are addressed by `index`, or by what TrainSampler yields (sample_key).
 
 def find_classes(folder):
-    if not os.path.isdir(folder):
-        problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
-        raise DataError(f"data folder {folder} {problem} (expected DATA/train/<class>/*.JPEG "
-                        f"and DATA/val/<class>/*.JPEG; --data demo runs without ImageNet)")
+    need(folder, "data folder", hint="expected DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG; "
+                                     "--data demo runs without ImageNet")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
         raise DataError(f"{folder} has no class folders: expected {folder}/<class>/<image> "
@@ -87,19 +91,15 @@ class ImageFolder(torch.utils.data.Dataset):
         self.samples, self.skipped_files = [], []
         for label, name in enumerate(self.classes):
             folder = os.path.join(root, name)
-            files, others = [], []  # others: what the data set leaves out, subfolders with a trailing /
-            for entry in os.scandir(folder):
-                if entry.is_file() and is_image_name(entry.name):
-                    files.append(entry.path)
-                else:
-                    others.append(entry.path + os.sep if entry.is_dir() else entry.path)
-            files, others = sorted(files), sorted(others)
-            if not files:
+            entries = list(os.scandir(folder))
+            images = {e.path for e in entries if e.is_file() and is_image_name(e.name)}
+            others = sorted(e.path + os.sep if e.is_dir() else e.path for e in entries if e.path not in images)
+            if not images:
                 more = f" and {len(others) - 3} more" if len(others) > 3 else ""
                 held = f", only {', '.join(others[:3])}{more}" if others else ""
                 raise DataError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)}){held}; "
                                 f"remove it or add its images")
-            self.samples += [(path, label) for path in files]
+            self.samples += [(path, label) for path in sorted(images)]
             self.skipped_files += others
 
     def __len__(self):
@@ -268,15 +268,12 @@ def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, au
     if data == "synthetic":
         return Synthetic("train", train_size, seed) if with_train else None, Synthetic("val", image_size, seed)
     resizing = {"resize_from": resize_from, "resize_epochs": resize_epochs}
-    train_tf = EncodedTrainTransform(train_size, min_crop_scale, **resizing) if decode == "gpu" else \
+    train_tf = gpu_decode.EncodedTrainTransform(train_size, min_crop_scale, **resizing) if decode == "gpu" else \
         TrainTransform(train_size, min_crop_scale, autoaugment, augment, magnitude, magnitude_std, **resizing)
     val_tf = ValTransform(image_size, val_resize, val_interpolation)
     if data == "demo":
         return DemoShapes("train", train_tf, seed) if with_train else None, DemoShapes("val", val_tf, seed)
-    if not os.path.isdir(data):
-        problem = "is a file, not a folder" if os.path.exists(data) else "does not exist"
-        raise DataError(f"data folder {data} {problem} (give the ImageNet root holding train/ "
-                        f"and val/, or --data demo / --data synthetic)")
+    need(data, "data folder", hint="give the ImageNet root holding train/ and val/, or --data demo / --data synthetic")
     index = shards.read_index(data) if shards.looks_packed(data) else None
     val = open_split(data, "val", val_tf, seed, index=index)
     if not with_train:
@@ -435,17 +432,13 @@ class DeviceLoader:
         """float (N, 3, H, W) in 0..255 -> ImageNet-normalised, in place."""
         return x.sub_(self.mean).mul_(self.inv_std)
 
-    def normalize(self, images):
-        """uint8 (N, H, W, 3) on the device -> normalised float32 (N, 3, H, W)."""
-        x = images.permute(0, 3, 1, 2).float()  # NHWC bytes are already channels_last memory
-        return self.standardize(x if self.channels_last else x.contiguous())
-
     def _to_device(self, batch):
         images, labels = batch
         labels = labels.to(self.device, non_blocking=True)
         if self.decode == "gpu":
             return self.standardize(self.decoder(images)), labels
-        return self.normalize(images.to(self.device, non_blocking=True)), labels
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()  # NHWC bytes: channels_last already
+        return self.standardize(x if self.channels_last else x.contiguous()), labels
 
     def __iter__(self):
         if self.decode == "gpu":

@@ -39,13 +39,6 @@ def check_writable(path, what):
                         f"folder you can write to")
 
 
-def need(path, what, kind="folder"):
-    if not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
-        problem = ("does not exist" if not os.path.exists(path) else "is a file, not a folder" if kind == "folder"
-                   else "is a folder, not a file" if os.path.isdir(path) else "is not a regular file")
-        raise DataError(f"{what} {path} {problem}")
-
-
 # python prepare.py check DATA
 def conversion(mode):
     """What load_rgb does to an image of PIL `mode` that is not RGB, in words."""
@@ -127,7 +120,7 @@ def list_files(root):
 
 def check(root, workers):
     """Decode every image file under `root` (or every sample of the pack `root`); 1 if any is bad."""
-    need(root, "DATA")
+    data.need(root, "DATA")
     readers, inspect = {}, _inspect
     if shards.looks_packed(root):
         index = shards.read_index(root)  # the pack is checked cheaply here, before the pool starts
@@ -191,7 +184,7 @@ def read_devkit_meta(meta):
     except ImportError:
         raise DataError("reading the devkit's meta.mat needs scipy (pip install scipy), or use Kaggle's "
                         "LOC_val_solution.csv instead") from None
-    need(meta, "--meta", "file")
+    data.need(meta, "--meta", "file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -212,7 +205,7 @@ def read_devkit_meta(meta):
 def read_val_labels(labels, meta=None):
     """{image id: wnid} from Kaggle's LOC_val_solution.csv, or [wnid] in file-name order from a file of one
     wnid a line or the devkit's ground truth (ILSVRC2012_IDs, mapped by its meta.mat); all of it checked."""
-    need(labels, "--labels", "file")
+    data.need(labels, "--labels", "file")
     lines = data.read_label_lines(labels, LABEL_FILES)
     kaggle = lines[0][1].replace(" ", "").lower().startswith("imageid,predictionstring")
     if meta is not None and (kaggle or WNID.fullmatch(lines[0][1])):
@@ -256,7 +249,7 @@ def val_classes(val_dir, labels, labelled, loose, placed):
 
 def sort_val(val_dir, labels, meta=None, out=None):
     """Move (or link into `out`) the loose val images into <wnid>/ folders, once every image has a label."""
-    need(val_dir, "val folder")
+    data.need(val_dir, "val folder")
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} is a file, not a folder: give a new or sorted folder")
     out = val_dir if out is None or (os.path.isdir(out) and os.path.samefile(out, val_dir)) else out
@@ -300,7 +293,7 @@ def parse_size(text):
 
 
 def pack_command(root, out, shard_size):
-    need(root, "DATA")
+    data.need(root, "DATA")
     if shards.looks_packed(root):
         raise DataError(f"{root} is a pack already: train and evaluate with --data {root}")
     listed = {split: data.ImageFolder(os.path.join(root, split), None)
