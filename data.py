@@ -1,9 +1,7 @@
 """The ImageNet loaders with their distributed samplers: exact across ranks, light per core, strict about bad files.
 
-DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG (torchvision's ImageFolder), or a pack of them
-(shards.py); `--data demo` and `synthetic` need no files. Workers decode, crop and resize
-(transforms.py); normalisation happens once, on the device (DeviceLoader).
-"""
+DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG, or a pack of them (shards.py); `--data demo` and `synthetic` need
+no files. Workers decode, crop and resize (transforms.py); normalisation happens once, on the device (DeviceLoader)."""
 import atexit
 import contextlib
 import ctypes
@@ -47,7 +45,6 @@ def need(path, what, kind="folder", hint=""):
         raise DataError(f"{what} {path} {problem}" + (f" ({hint})" if hint else ""))
 
 
-# ---------------------------------------------------------------------------------------------
 # Datasets. Items are addressed by `index`, or by what TrainSampler yields (sample_key).
 
 def find_classes(folder):
@@ -76,9 +73,8 @@ def skipped_note(*datasets, show=5):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/<image>, flat class folders as torchvision's ImageFolder; or with `pack` (a
-    shards.ShardReader of PACK/<split>) the folders it was packed from, each sample one positioned
-    read. decode="gpu": `transform` is an EncodedTrainTransform, which takes the file's bytes."""
+    """root/<class>/<image>, flat class folders as torchvision's ImageFolder; or with `pack` (a shards.ShardReader of
+    PACK/<split>) the folders it was packed from. decode="gpu": `transform` is an EncodedTrainTransform."""
 
     def __init__(self, root, transform, seed=0, decode="cpu", pack=None):
         self.root, self.transform, self.seed, self.decode, self.pack = root, transform, seed, decode, pack
@@ -199,8 +195,7 @@ def read_real_labels(path, dataset, num_classes):
 
 
 class DemoShapes(torch.utils.data.Dataset):
-    """Ten classes of shapes and gratings on noisy backgrounds, learnable from scratch in a few CPU
-    minutes. Image i is a pure function of (split, i)."""
+    """Ten classes of shapes and gratings on noisy backgrounds, learnable from scratch in a few CPU minutes."""
 
     classes = ["disc", "ring", "square", "frame", "triangle", "cross", "horizontal", "vertical", "diagonal", "checker"]
 
@@ -259,8 +254,7 @@ class Synthetic(torch.utils.data.Dataset):
 def build_datasets(data, image_size, val_resize, seed=0, min_crop_scale=0.08, autoaugment=False,
                    with_train=True, decode="cpu", val_interpolation="bicubic", train_size=None, augment=None,
                    magnitude=9.0, magnitude_std=0.0, resize_from=0, resize_epochs=0):
-    """(train, val) for DATA (folders or a pack), 'demo' or 'synthetic'; train None without
-    `with_train`. decode="gpu": the train set yields EncodedSamples for DeviceLoader to decode."""
+    """(train, val) for DATA (folders or a pack), 'demo' or 'synthetic'; decode="gpu": train yields EncodedSamples."""
     if data in BUILT_IN_DATA and os.path.isdir(data):  # refused, not shadowed: ./demo names the folder
         raise DataError(f"--data {data} names the built-in {data} set, but ./{data} is also a folder here: pass "
                         f"--data ./{data} to train on the folder, or run from another directory for the built-in set")
@@ -298,17 +292,14 @@ def check_same_classes(data, train, val):
                         f"{', '.join(only_val[:5]) or '-'}); both need the same classes")
 
 
-# ---------------------------------------------------------------------------------------------
 # Samplers: which indices each rank reads
-
 class TrainSampler(torch.utils.data.Sampler):
-    """DistributedSampler's semantics: one permutation from (seed, epoch) for all ranks, padded with its
-    first indices to a multiple of the world size, rank r taking every world-th; yields (index, epoch).
-    `set_epoch(epoch, skip)` drops the first `skip` samples (those all ranks used before a resume), so a
-    run resumed mid-epoch, on any number of ranks, continues exactly. `repeats` N > 1 (--repeated-aug,
-    DeiT's RASampler): each index N times in a row, cut to the data set's length (size / N images an
-    epoch, the copies on N ranks when N <= world); yields (index, epoch, copy), the copy entering the
-    sample's generator."""
+    """DistributedSampler's semantics: one permutation from (seed, epoch) for all ranks, padded with its first indices
+    to a multiple of the world size, rank r taking every world-th; yields (index, epoch). `set_epoch(epoch, skip)` drops
+    the first `skip` samples (those all ranks used before a resume), so a run resumed mid-epoch, on any number of ranks,
+    continues exactly. `repeats` N > 1 (--repeated-aug, DeiT's RASampler): each index N times in a row, cut to the data
+    set's length (size / N images an epoch, the copies on N ranks when N <= world); yields (index, epoch, copy), the
+    copy entering the sample's generator."""
 
     def __init__(self, size, rank=0, world_size=1, seed=0, repeats=1):
         self.size, self.rank, self.world_size, self.seed, self.repeats = size, rank, world_size, seed, repeats
@@ -352,9 +343,7 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-# ---------------------------------------------------------------------------------------------
 # Loaders
-
 def _worker_init(worker_id):
     # Preemption signals are the main process's business (train.py): SLURM signals every process of a
     # job step and Ctrl-C the whole process group, and a worker they killed would crash the run unsaved.
@@ -411,11 +400,10 @@ def build_loader(dataset, sampler, batch_size, workers, train, pin_memory=False)
 
 
 class DeviceLoader:
-    """Moves batches to `device` and normalises them there: float (N, 3, H, W), channels_last when
-    asked. decode "cpu": uint8 NHWC batches; on CUDA the next one is copied and normalised on a side
-    stream while the current one computes (pinned memory). "gpu": EncodedBatches, decoded a batch
-    ahead in a thread (gpu_decode.decode_ahead). The side stream lives as long as the loader: the
-    caching allocator keeps each stream's memory apart. `mean`, `std` of 0-1 pixels."""
+    """Moves batches to `device` and normalises them there: float (N, 3, H, W), channels_last when asked. decode "cpu":
+    uint8 NHWC batches; on CUDA the next one is copied and normalised on a side stream while the current one computes
+    (pinned memory). "gpu": EncodedBatches, decoded a batch ahead in a thread (gpu_decode.decode_ahead). The side stream
+    lives as long as the loader: the caching allocator keeps each stream's memory apart. `mean`, `std` of 0-1 pixels."""
 
     def __init__(self, loader, device, channels_last=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, decode=None):
         self.loader, self.device, self.channels_last = loader, torch.device(device), channels_last

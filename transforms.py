@@ -17,9 +17,7 @@ from torchvision.transforms import v2
 from utils import DataError
 
 
-# ---------------------------------------------------------------------------------------------
 # Bytes to RGB pixels
-
 def is_16_bit_gray(mode):
     """PIL's modes of 16-bit gray (and I: 16-bit PGM, 32-bit TIFF), which Pillow's RGB clips at 255."""
     return mode == "I" or mode.startswith("I;16")
@@ -91,9 +89,7 @@ def to_uint8_hwc(img):
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
 
 
-# ---------------------------------------------------------------------------------------------
 # One sample
-
 def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng`."""
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -199,7 +195,6 @@ def sample_rng(seed, epoch, index, copy=0):
     return random.Random(f"{seed}/{epoch}/{index}" if copy == 0 else f"{seed}/{epoch}/{index}/{copy}")
 
 
-# ---------------------------------------------------------------------------------------------
 # Batch augmentation on the device, after normalisation. The draws are torchvision's own (tested equal),
 # from torch's CPU generator seeded by batch_seed inside fork_rng: the run's random streams are untouched.
 
