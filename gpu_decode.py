@@ -1,7 +1,5 @@
 """--decode gpu, both halves: the workers read bytes and draw the crops, the device decodes and resizes whole batches.
-
-Workers: EncodedTrainTransform, collate -> EncodedBatch. Device: BatchDecoder, one nvJPEG call a batch,
-run by decode_ahead in a thread of DeviceLoader's, a batch ahead of the training step."""
+"""
 import collections
 import contextlib
 import queue
@@ -15,9 +13,8 @@ from transforms import load_rgb, random_resized_crop_box, takes_jpeg_decoder, to
 
 
 class EncodedTrainTransform(transforms.TrainTransform):
-    """The worker's half: the file's bytes, with the crop box and flip drawn as TrainTransform draws them
-    (size from the header); --augment is refused with --decode gpu. What nvJPEG cannot take (PNG, CMYK,
-    rotated) is decoded here, full size."""
+    """The worker's half: the file's bytes, with the crop box and flip drawn as TrainTransform draws them; --augment is
+    refused with --decode gpu. What nvJPEG cannot take (PNG, CMYK, rotated) is decoded here, full size."""
 
     def __call__(self, path, encoded, rng, epoch=0):
         size, jpeg = takes_jpeg_decoder(encoded)
