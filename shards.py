@@ -1,10 +1,9 @@
 """Packed shards: the writer behind `python prepare.py pack` and the reader behind `--data PACK`.
 
 PACK/<split>-000000.tar, ...: WebDataset's layout (<key>.jpg, ... the file's bytes, then <key>.cls);
-PACK/<split>.npy: each sample's shard, offset, size, label; PACK/index.json (written last): classes,
-shards, names, the .npy's checksum; PACK/pack.json: the source and --shard-size. Sample i is one
-os.pread. Not webdataset (streams: no exact sampler order or resume) nor wids (scans every header).
-"""
+PACK/<split>.npy: each sample's shard, offset, size, label; PACK/index.json: classes, shards, names, the .npy's sha256;
+PACK/pack.json: the source and --shard-size. Sample i is one os.pread. Not webdataset (streams: no exact sampler order
+or resume) nor wids (scans every header)."""
 import concurrent.futures
 import contextlib
 import hashlib
@@ -74,8 +73,7 @@ def repair(pack, head=None):
 
 
 def member_name(index, name, label=None):
-    """The tar name of sample `index`, or with `label` of its label: <key>.jpg (.png, ...) or <key>.cls,
-    the key the index and the file's stem, without dots (WebDataset's key ends at the first one)."""
+    """Sample `index`'s tar name (with `label`, its label's); no dots in the key, where WebDataset's key would end."""
     stem, ext = os.path.splitext(os.path.basename(name))
     ext = ".cls" if label is not None else {".jpeg": ".jpg"}.get(ext.lower(), ext.lower())
     return f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:60]}{ext}"
@@ -138,8 +136,7 @@ def read_table(pack, split, entry):
 
 
 class ShardReader:
-    """One split of a pack, checked at open: `names`, `labels`, `classes`, `skipped_files` of the
-    folders it was packed from. read(i) is one os.pread, each shard opened once per process."""
+    """One split of a pack, checked at open: the packed folders' `names`, `labels`, `classes`, `skipped_files`."""
 
     def __init__(self, pack, split, index=None):
         index = index or read_index(pack)
@@ -296,7 +293,6 @@ def pack(data, out, listed, shard_size=DEFAULT_SHARD_SIZE):
     for plan, path, members in tqdm(todo, desc="packing", unit="shard", disable=not sys.stderr.isatty()):
         write_shard(path, plan, members)
     for split, plan in plans.items():
-        utils.write_atomic(os.path.join(out, f"{split}.npy"),
-                           lambda tmp, npy=plan["npy"]: pathlib.Path(tmp).write_bytes(npy))
+        utils.write_atomic(os.path.join(out, f"{split}.npy"), lambda tmp: pathlib.Path(tmp).write_bytes(plan["npy"]))
     utils.write_text(os.path.join(out, PACK_INDEX), json.dumps(index))
     return counts, False

@@ -231,8 +231,7 @@ def random_erase_(images, p, scale=(0.02, 1 / 3), ratio=(0.3, 10 / 3)):
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if h < height and w < width:
                 noises.append(torch.empty(images.shape[1], h, w).normal_())
-                top, left = (int(torch.randint(0, height - h + 1, size=(1,))),
-                             int(torch.randint(0, width - w + 1, size=(1,))))
+                top, left = int(torch.randint(0, height - h + 1, (1,))), int(torch.randint(0, width - w + 1, (1,)))
                 boxes.append((n, top, left, h, w))
                 break
     if boxes:
