@@ -47,16 +47,6 @@ def need(path, what, kind="folder", hint=""):
 
 # Datasets. Items are addressed by `index`, or by what TrainSampler yields (sample_key).
 
-def find_classes(folder):
-    need(folder, "data folder", hint="expected DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG; "
-                                     "--data demo runs without ImageNet")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if not classes:
-        raise DataError(f"{folder} has no class folders: expected {folder}/<class>/<image> "
-                        f"(ImageNet val must be sorted into class folders, as for torchvision's ImageFolder)")
-    return classes
-
-
 def is_image_name(name):
     """An image extension, any case, and not hidden: dotfiles are metadata (macOS's ._x.JPEG)."""
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
@@ -83,7 +73,12 @@ class ImageFolder(torch.utils.data.Dataset):
             self.classes, self.skipped_files = pack.classes, pack.skipped_files
             self.samples = list(zip(pack.names, pack.labels))
             return
-        self.classes = find_classes(root)
+        need(root, "data folder", hint="expected DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG; "
+                                       "--data demo runs without ImageNet")
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise DataError(f"{root} has no class folders: expected {root}/<class>/<image> "
+                            f"(ImageNet val must be sorted into class folders, as for torchvision's ImageFolder)")
         self.samples, self.skipped_files = [], []
         for label, name in enumerate(self.classes):
             folder = os.path.join(root, name)
@@ -285,21 +280,19 @@ def open_split(data, split, transform, seed=0, decode="cpu", index=None):
 
 def check_same_classes(data, train, val):
     if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        raise DataError(f"{data}/train and {data}/val have different class folders "
-                        f"(only in train: {', '.join(only_train[:5]) or '-'}; only in val: "
-                        f"{', '.join(only_val[:5]) or '-'}); both need the same classes")
+        only_train = ", ".join(sorted(set(train.classes) - set(val.classes))[:5]) or "-"
+        only_val = ", ".join(sorted(set(val.classes) - set(train.classes))[:5]) or "-"
+        raise DataError(f"{data}/train and {data}/val have different class folders (only in train: {only_train}; "
+                        f"only in val: {only_val}); both need the same classes")
 
 
 # Samplers: which indices each rank reads
 class TrainSampler(torch.utils.data.Sampler):
-    """DistributedSampler's semantics: one permutation from (seed, epoch) for all ranks, padded with its first indices
-    to a multiple of the world size, rank r taking every world-th; yields (index, epoch). `set_epoch(epoch, skip)` drops
-    the first `skip` samples (those all ranks used before a resume), so a run resumed mid-epoch, on any number of ranks,
-    continues exactly. `repeats` N > 1 (--repeated-aug, DeiT's RASampler): each index N times in a row, cut to the data
-    set's length (size / N images an epoch, the copies on N ranks when N <= world); yields (index, epoch, copy), the
-    copy entering the sample's generator."""
+    """DistributedSampler's semantics (one permutation from (seed, epoch), padded, every world-th to a rank); yields
+    (index, epoch). `set_epoch(epoch, skip)` drops the first `skip` samples (those all ranks used before a resume), so a
+    run resumed mid-epoch, on any number of ranks, continues exactly. `repeats` N > 1 (--repeated-aug, DeiT's
+    RASampler): each index N times in a row, cut to the data set's length (size / N images an epoch, the copies on N
+    ranks when N <= world); yields (index, epoch, copy), the copy entering the sample's generator."""
 
     def __init__(self, size, rank=0, world_size=1, seed=0, repeats=1):
         self.size, self.rank, self.world_size, self.seed, self.repeats = size, rank, world_size, seed, repeats

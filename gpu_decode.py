@@ -75,9 +75,8 @@ def antialiased_resize(x, size):
 
 
 class BatchDecoder:
-    """The device's half: EncodedBatch -> float32 (N, 3, size, size) in 0..255 on `device`: one decode
-    call, then each box resized (bicubic in float: CUDA has no uint8 kernel) and flipped. On CUDA the
-    calling thread waits twice a batch (below): DeviceLoader calls it from a thread (decode_ahead)."""
+    """The device's half: EncodedBatch -> float32 (N, 3, size, size) in 0..255 on `device`: one decode call, then each
+    box resized (bicubic in float: CUDA has no uint8 kernel) and flipped. On CUDA its caller waits twice a batch."""
 
     def __init__(self, device, channels_last=False):
         self.device, self.channels_last = torch.device(device), channels_last
