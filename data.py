@@ -23,8 +23,7 @@ import utils
 from transforms import TrainTransform, ValTransform, decode_rgb, sample_rng
 from utils import DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 DEMO_SIZES = {"train": 2560, "val": 500}
 SYNTHETIC_SIZES = {"train": 1_281_167, "val": 50_000}  # ImageNet-1k, so epochs last as long
@@ -45,8 +44,7 @@ def need(path, what, kind="folder", hint=""):
         raise DataError(f"{what} {path} {problem}" + (f" ({hint})" if hint else ""))
 
 
-# Datasets. Items are addressed by `index`, or by what TrainSampler yields (sample_key).
-
+# Datasets: items are an `index`, or what TrainSampler yields (sample_key)
 def is_image_name(name):
     """An image extension, any case, and not hidden: dotfiles are metadata (macOS's ._x.JPEG)."""
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)

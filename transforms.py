@@ -142,8 +142,7 @@ class TrainTransform:
 
     def __init__(self, size, min_scale=0.08, autoaugment=False, augment=None, magnitude=9.0, magnitude_std=0.0,
                  resize_from=0, resize_epochs=0):
-        self.size, self.resize_from, self.resize_epochs = size, resize_from, resize_epochs
-        self.scale = (min_scale, 1.0)
+        self.size, self.scale, self.resize_from, self.resize_epochs = size, (min_scale, 1.0), resize_from, resize_epochs
         self.augment = augment or ("autoaugment" if autoaugment else "none")
         self.magnitude, self.magnitude_std = magnitude, magnitude_std
         bilinear = T.InterpolationMode.BILINEAR  # torchvision's ops at their defaults, bilinear as its reference
