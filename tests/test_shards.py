@@ -361,6 +361,25 @@ def test_a_damaged_pack_is_refused_at_start_and_the_pack_command_repairs_it(pris
 
 
 @pytest.mark.quick
+def test_a_damaged_pack_json_gives_one_line_of_advice_not_a_recursion(pristine, tmp_path, capsys):
+    root, clean, files = pristine
+    out = str(tmp_path / "pack")
+    shutil.copytree(clean, out)
+    open(os.path.join(out, shards.PACK_HEAD), "w").write("{not json")  # repair() reads it for its advice
+    os.remove(os.path.join(out, shards.PACK_INDEX))
+    repair = f"repair it with python prepare.py pack DATA {out} (DATA: the folder it was packed from) (it rewrites " \
+             f"what is damaged)"
+    with pytest.raises(DataError) as refusal:
+        data.build_datasets(out, 32, 36)
+    assert str(refusal.value).endswith(repair) and "\n" not in str(refusal.value)
+    assert prepare.main(["check", out, "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.endswith(f"{repair}\n") and err.count("\n") == 1
+    assert prepare.main(["pack", root, out, "--shard-size", "16kB"]) == 0  # and packing again rewrites pack.json
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == files
+
+
+@pytest.mark.quick
 def test_a_pack_is_checked_at_start_without_reading_it(pristine, tmp_path):
     root, clean, _ = pristine
     def read_so_far():  # bytes this process has read through system calls (Linux)
