@@ -238,7 +238,11 @@ def val_classes(val_dir, labels, labelled, loose, placed):
             raise DataError(f"{labels} labels {len(labelled)} images but {val_dir} holds {len(names)}: "
                             f"is it the label file of this val set?")
         return dict(zip(names, labelled))
-    ids = {os.path.splitext(name)[0]: name for name in set(loose) | set(placed)}  # keyed by image id
+    ids = {}  # keyed by image id: the file name without its extension
+    for name in sorted(set(loose) | set(placed)):
+        other = ids.setdefault(os.path.splitext(name)[0], name)
+        if other != name:
+            raise DataError(f"{val_dir} holds {other} and {name}, two images of one id in {labels}: remove one")
     unknown, missing = sorted(set(ids) - set(labelled)), sorted(set(labelled) - set(ids))
     if unknown or missing:
         raise DataError(f"{labels} and {val_dir} disagree: {len(missing)} labelled images missing "

@@ -429,6 +429,20 @@ def test_sort_val_refuses_hostile_input_in_one_line_and_touches_nothing(tmp_path
 
 
 @pytest.mark.quick
+def test_sort_val_refuses_two_images_of_one_id_and_moves_nothing(tmp_path, capsys):
+    """Kaggle's CSV labels image ids: a .JPEG and a .png of one id cannot both take its label."""
+    val = make_loose_val(tmp_path / "val", ["n00000001", "n00000002"])
+    (val / "ILSVRC2012_val_00000001.png").write_bytes((val / "ILSVRC2012_val_00000001.JPEG").read_bytes())
+    csv = kaggle_csv(tmp_path / "LOC_val_solution.csv", ["ILSVRC2012_val_00000001,n00000001 1 2 3 4",
+                                                          "ILSVRC2012_val_00000002,n00000002 1 2 3 4"])
+    before = tree(val)
+    assert sort_val_refused(capsys, val, "--labels", csv) == (
+        f"error: {val} holds ILSVRC2012_val_00000001.JPEG and ILSVRC2012_val_00000001.png, two images of one id "
+        f"in {csv}: remove one\n")
+    assert tree(val) == before
+
+
+@pytest.mark.quick
 def test_sort_val_refuses_a_read_only_destination_before_moving_anything(tmp_path, capsys):
     wnids = ["n00000001", "n00000002"]
     labels = tmp_path / "labels.txt"
