@@ -70,20 +70,14 @@ def load_weights(model, weights, path, whole, say):
         raise UsageError(f"--weights {path}: {e}") from None
 
 
-def imagenet_class_names():
-    """ImageNet-1k's 1000 class names in label order (sorted wnids), from torchvision's weight
-    metadata: shipped with the package, nothing is downloaded."""
-    from torchvision.models import EfficientNet_B0_Weights
-    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
-
-
 def class_names(checkpoint, weights, num_classes):
     """The model's class names in label order: the run's class folders (a checkpoint's "classes",
     also when --weights names a checkpoint), else ImageNet's for 1000 classes, else the indices."""
     source = checkpoint if checkpoint is not None else weights if isinstance(weights.get("model"), dict) else {}
     names = source.get("classes")
-    if names is None and num_classes == 1000:
-        names = imagenet_class_names()
+    if names is None and num_classes == 1000:  # torchvision weight metadata, in label order: nothing is downloaded
+        from torchvision.models import EfficientNet_B0_Weights
+        names = EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
     names = list(names or [])[:num_classes]
     return names + [str(label) for label in range(len(names), num_classes)]
 
@@ -101,12 +95,8 @@ def check_same_labels(checkpoint_classes, data_classes, where):
 
 def kept_checkpoints(folder):
     """{epoch: path} of the --keep-best checkpoints (best-epochE.pt) in `folder`."""
-    found = {}
-    for name in os.listdir(folder):
-        match = re.fullmatch(r"best-epoch(\d+)\.pt", name)
-        if match:
-            found[int(match[1])] = os.path.join(folder, name)
-    return found
+    matches = (re.fullmatch(r"best-epoch(\d+)\.pt", name) for name in os.listdir(folder))
+    return {int(match[1]): os.path.join(folder, match[0]) for match in matches if match}
 
 
 def keep_best_checkpoints(folder, history, keep, newest):

@@ -28,7 +28,6 @@ RUN_SETTINGS = ("arch", "num_classes", "image_size", "val_resize", "val_interpol
                 "weights") + recipes.RUN_SETTINGS
 MODEL_SETTINGS = ("arch", "num_classes", "image_size", "val_resize", "val_interpolation", "mean", "std", "bn_eps",
                   "bn_momentum")  # what predict.py and export.py take from a checkpoint
-FIXED_SETTINGS = ("arch", "num_classes")  # another model: a new run (fine-tune with --weights CHECKPOINT)
 # What evaluation uses; with --evaluate every other flag given gets a note that it does nothing.
 EVALUATE_SETTINGS = MODEL_SETTINGS + ("weights", "data", "workers", "batch_size", "amp", "channels_last",
                                       "lean_activations", "compile", "deterministic", "resume", "output_dir",
@@ -237,9 +236,7 @@ def resolve_args(args, env=None, given=(), checkpoint=None, say=print):
         if not args.evaluate:
             check_resumable(args, env, checkpoint)
     elif args.data == "demo":
-        for name, value in DEMO.items():
-            if name not in given:
-                setattr(args, name, value)
+        vars(args).update({name: value for name, value in DEMO.items() if name not in given})
         given = given | set(DEMO)  # the recipe keeps them too
     fill_defaults(args, env)
     check_values(args)
@@ -314,13 +311,12 @@ def take_run_settings(args, given, stored, names, say):
     """The checkpoint's settings `names` where the command line gives none; the ones it gives are
     kept and listed in one note. The model (arch, class count) cannot change."""
     args.arch = arch_name(args.arch)
-    for name in FIXED_SETTINGS:
-        if name in given and getattr(args, name) != stored[name]:
-            if name == "arch":
-                raise UsageError(f"checkpoint is for {stored['arch']}, not {args.arch}: leave --arch out "
-                                 f"(or pass --arch {stored['arch']})")
-            raise UsageError(f"the checkpoint's model has {stored['num_classes']} classes, not --num-classes "
-                             f"{args.num_classes}: fine-tune from it with --weights CHECKPOINT (a new run)")
+    if "arch" in given and args.arch != stored["arch"]:
+        raise UsageError(f"checkpoint is for {stored['arch']}, not {args.arch}: leave --arch out "
+                         f"(or pass --arch {stored['arch']})")
+    if "num_classes" in given and args.num_classes != stored["num_classes"]:
+        raise UsageError(f"the checkpoint's model has {stored['num_classes']} classes, not --num-classes "
+                         f"{args.num_classes}: fine-tune from it with --weights CHECKPOINT (a new run)")
     if "weights" in given and "weights" in names:  # the requeue of a fine-tune repeats its command
         say(f"note: --weights {args.weights} is not loaded: the run continues from its checkpoint "
             f"(it started from {stored['weights'] or 'random weights'})")

@@ -58,8 +58,7 @@ class RMSpropTF(torch.optim.Optimizer):
     at once rather than through the buffer. (timm's RMSpropTF computes the same; tested.)"""
 
     def __init__(self, params, lr, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=0.0):
-        super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps, "momentum": momentum,
-                                  "weight_decay": weight_decay})
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,8 +72,7 @@ class RMSpropTF(torch.optim.Optimizer):
                 continue
             for p in params:
                 if not self.state[p]:
-                    self.state[p]["square_avg"] = torch.ones_like(p, memory_format=torch.preserve_format)
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p].update(square_avg=torch.ones_like(p), momentum_buffer=torch.zeros_like(p))
             grads = [p.grad for p in params]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])

@@ -10,21 +10,11 @@ converted once from the batch it was published with: lr_4096 = lr_published * 40
 from efficientnet import member
 from utils import UsageError
 
-# Settings this module adds to train.RUN_SETTINGS (stored in checkpoints, reused on --resume).
+# Settings this module adds to flags.RUN_SETTINGS (stored in checkpoints, reused on --resume).
 RUN_SETTINGS = ("recipe", "train_size", "progressive_resize", "progressive_epochs", "augment", "randaugment_magnitude",
                 "magnitude_std", "random_erase", "cutmix", "repeated_aug", "sched", "decay_epochs", "decay_rate",
                 "warmup_lr")
 WORKER_AUGMENTS = ("autoaugment", "randaugment", "trivialaugment", "augmix")  # on decoded pixels, in the workers
-
-
-def nvidia_drop_path(args):
-    """NVIDIA's configs: no stochastic depth for B0, 0.2 for B4 (each carried to its half of the family)."""
-    return 0.2 if member(args.arch) in ("b4", "b5", "b6", "b7") else 0.0
-
-
-def torchvision_train_size(args):
-    """torchvision's EfficientNet-V2-S trains at 300 px for 384 px evaluation: the same ratio, to 8 px."""
-    return max(8, 8 * round(args.image_size * 300 / 384 / 8))
 
 
 # The seed's values (train.py's defaults) of every setting a recipe may set, in the order the start-up line shows
@@ -42,8 +32,9 @@ RECIPES = {
     "nvidia": {
         "source": "NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets configs.yml, B0 and B4 "
                   "(lr 0.08 / 0.16 at their global batch of 4096)",
-        "values": dict(SEED, no_bn_weight_decay=True, drop_path=nvidia_drop_path, bn_eps=1e-3, bn_momentum=0.01,
-                       augment="autoaugment", mixup=0.2)},
+        "values": dict(SEED, no_bn_weight_decay=True, bn_eps=1e-3, bn_momentum=0.01, augment="autoaugment", mixup=0.2,
+                       # no stochastic depth for B0, 0.2 for B4 (each carried to its half of the family)
+                       drop_path=lambda args: 0.2 if member(args.arch) in ("b4", "b5", "b6", "b7") else 0.0)},
     "google": {
         "source": "Tan & Le 2019, section 5.2, and tensorflow/tpu models/official/efficientnet "
                   "(lr 0.016 per 256 images -> 0.256 per 4096)",
@@ -60,11 +51,12 @@ RECIPES = {
     "torchvision": {
         "source": "pytorch/vision references/classification README, the EfficientNet-V2 command (SGD lr 0.5 at "
                   "8 x 128 = 1024 images -> 2.0 per 4096; EMA 0.99998 every 32 steps -> 0.999966 per step)",
-        "values": dict(SEED, opt="sgd", lr=0.5 * 4096 / 1024, warmup_epochs=5, epochs=600,
+        "values": dict(SEED, opt="sgd", lr=0.5 * 4096 / 1024, warmup_epochs=5, epochs=600, val_interpolation="bilinear",
                        warmup_lr=0.01 * 0.5 * 4096 / 1024,  # --lr-warmup-decay 0.01 (their default)
                        weight_decay=2e-5, no_bn_weight_decay=True, augment="trivialaugment", random_erase=0.1,
-                       mixup=0.2, cutmix=1.0, repeated_aug=4, train_size=torchvision_train_size,
-                       val_resize=lambda args: args.image_size, val_interpolation="bilinear",
+                       mixup=0.2, cutmix=1.0, repeated_aug=4, val_resize=lambda args: args.image_size,
+                       # their EfficientNet-V2-S trains at 300 px for 384 px evaluation: the same ratio, to 8 px
+                       train_size=lambda args: max(8, 8 * round(args.image_size * 300 / 384 / 8)),
                        # their EMA: every 32 steps with decay 1 - 2e-5 * 1024 * 32 / 600; per step, its 32nd root
                        ema_decay=(1 - 2e-5 * 1024 * 32 / 600) ** (1 / 32))},
 }

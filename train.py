@@ -44,9 +44,10 @@ EXIT_USAGE, EXIT_NONFINITE, EXIT_PEER_LOST, EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT
 class Preempted(Exception):
     """A stop signal ended the run after last.pt was written; `code` is the exit code."""
 
-    def __init__(self, message, signal_name):
-        super().__init__(message)
+    def __init__(self, signal_name, when, ckpt_path, output_dir):
         self.code = EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
+        super().__init__(f"stopped by {signal_name} {when}; wrote {ckpt_path}. Continue with the same command and "
+                         f"--resume auto --output-dir {output_dir} (exit code {self.code}).")
 
 
 class NonFiniteLoss(Exception):
@@ -65,9 +66,6 @@ def say_error(env, message):
     if env.main:
         print(message, file=sys.stderr, flush=True)
 
-
-# ---------------------------------------------------------------------------------------------
-# main
 
 def main(argv=None):
     args, given = parse(argv)
@@ -182,8 +180,7 @@ def set_up_torch(args):
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA 10.2+)
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)  # warns naming an op without one
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 as NVIDIA's recipe on A100
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 as NVIDIA's recipe on A100
 
 
 def take_run_dir(output_dir, env):
@@ -197,21 +194,15 @@ def take_run_dir(output_dir, env):
             utils.remove_stale_temporaries(output_dir)  # left by a run killed while saving
         except UsageError as e:
             lock_error = str(e)
-    lock_error = utils.broadcast_object(lock_error, env)
-    if lock_error:
+    if lock_error := utils.broadcast_object(lock_error, env):
         raise UsageError(lock_error)
     return lock
 
 
-
-
-# ---------------------------------------------------------------------------------------------
-# The run's state, and the phases that build and move it, in the order they run
-
 @dataclass
 class Run:
-    """What the phases of a run share: `build` fills it, `restore` rewinds it to a checkpoint,
-    `start` opens the run, `train_one_epoch` and `evaluate_and_save` move it on."""
+    """What the phases below share, in the order they run: `build` fills it, `restore` rewinds it to
+    a checkpoint, `start` opens the run, `train_one_epoch` and `evaluate_and_save` move it on."""
     # set-up
     args: argparse.Namespace  # every setting, resolved (what args.json and the checkpoints hold)
     env: launch.Dist
@@ -266,9 +257,9 @@ def build(args, env, checkpoint):
     build_data(r, checkpoint)
     utils.seed_everything(args.seed + env.rank)  # the model's initialisation
     r.model = checkpoints.build_model(args, env.device, checkpoint, whole=args.evaluate, say=lambda m: log(env, m))
-    r.eval_model = torch.compile(r.model) if args.compile else r.model
     if not args.evaluate:
         build_training(r)
+    r.eval_model = torch.compile(r.model) if args.compile else r.model  # after --sync-bn's conversion
     return r
 
 
@@ -277,17 +268,15 @@ def build_data(r, checkpoint):
     args, env = r.args, r.env
     r.train_set, r.val_set = data.build_datasets(
         args.data, args.image_size, args.val_resize, args.seed, args.min_crop_scale, args.autoaugment,
-        with_train=not args.evaluate, decode="cpu" if args.evaluate else args.decode,
-        val_interpolation=args.val_interpolation, train_size=args.train_size, augment=args.augment,
-        magnitude=args.randaugment_magnitude, magnitude_std=args.magnitude_std,
-        resize_from=args.progressive_resize, resize_epochs=args.progressive_epochs)
+        with_train=not args.evaluate, decode="cpu" if args.evaluate else args.decode, augment=args.augment,
+        val_interpolation=args.val_interpolation, train_size=args.train_size, magnitude=args.randaugment_magnitude,
+        magnitude_std=args.magnitude_std, resize_from=args.progressive_resize, resize_epochs=args.progressive_epochs)
     if args.class_map:
         data.apply_class_map(r.val_set, args.class_map)
     if checkpoint is not None:
         where = f"--class-map {args.class_map}" if args.class_map else f"--data {args.data}"
         checkpoints.check_same_labels(checkpoint.get("classes"), r.val_set.classes, where)
-    skipped = data.skipped_note(r.train_set, r.val_set)
-    if skipped:
+    if skipped := data.skipped_note(r.train_set, r.val_set):
         log(env, skipped)
     classes = len(r.val_set.classes)
     if args.num_classes is None:
@@ -339,7 +328,6 @@ def build_training(r):
     r.base_lr = args.lr * r.global_batch / 4096
     if args.sync_bn and env.world_size > 1:
         r.model = nn.SyncBatchNorm.convert_sync_batchnorm(r.model)
-        r.eval_model = torch.compile(r.model) if args.compile else r.model
     r.train_model = utils.data_parallel(r.model, env) if env.world_size > 1 else r.model
     if args.compile:
         r.train_model = torch.compile(r.train_model)
@@ -376,8 +364,7 @@ def dry_run(r, start_epoch, build_seconds):
     written to a temporary folder beside the output folder and removed: the figures measured and the
     run projected from them (cost.py). No run folder, no file left."""
     args, env = r.args, r.env
-    problem = cost.batch_that_fits(r.model, args, env, r.amp_dtype)
-    if problem:
+    if problem := cost.batch_that_fits(r.model, args, env, r.amp_dtype):
         raise UsageError(problem)
     warmup, measured = cost.steps_to_measure(len(r.train_set) // r.global_batch)
     if env.device.type == "cuda":
@@ -421,22 +408,19 @@ def restore(r, checkpoint):
 
 
 def restore_ranks(r, ranks, then):
-    """Each rank's random streams and running sums. On as many processes as saved them, one to one;
-    on another number (the same global batch), the sampler skips what all ranks consumed together,
-    so the epoch goes on with exactly the samples not yet seen, but the random streams cannot pass
-    one to one: ranks beyond the old count keep their fresh seed. The epoch's loss is a mean over
-    ranks: the old ranks' sum is rescaled."""
+    """Each rank's random streams and running sums, one to one on as many processes as saved them.
+    On another number (the same global batch) the sampler skips what all ranks consumed together, so
+    the epoch goes on with exactly the samples not yet seen, but the random streams cannot pass one
+    to one; the epoch's loss is a mean over ranks: the old ranks' sum is rescaled."""
     args, env = r.args, r.env
-    if len(ranks) == env.world_size:
+    if env.rank < len(ranks):  # ranks beyond the old count keep their fresh seed
         utils.set_rng_state(ranks[env.rank]["rng"], env.device)
+    if len(ranks) == env.world_size:
         r.loss_sum.fill_(ranks[env.rank]["loss_sum"])
         r.watch.skipped.fill_(ranks[env.rank]["skipped"])
-    else:
-        if env.rank < len(ranks):
-            utils.set_rng_state(ranks[env.rank]["rng"], env.device)
-        if env.main:
-            r.loss_sum.fill_(sum(rank["loss_sum"] for rank in ranks) * env.world_size / len(ranks))
-            r.watch.skipped.fill_(max(rank["skipped"] for rank in ranks))
+    elif env.main:
+        r.loss_sum.fill_(sum(rank["loss_sum"] for rank in ranks) * env.world_size / len(ranks))
+        r.watch.skipped.fill_(max(rank["skipped"] for rank in ranks))
     if (len(ranks), then["batch_size"], then["accum_steps"]) != (env.world_size, args.batch_size, args.accum_steps):
         left = len(r.train_set) - r.start_step * r.global_batch if r.start_step else len(r.train_set)
         log(env, f"resuming on {env.world_size} process(es) x {args.batch_size} x {args.accum_steps} accumulation "
@@ -475,11 +459,7 @@ class Meter:
     interval_start: float = field(default_factory=time.time)
     steps: int = 0  # in the interval
     data_seconds: float = 0.0  # waiting for batches, in the epoch
-    interval_data_seconds: float = 0.0
-
-    def waited(self, seconds):
-        self.data_seconds += seconds
-        self.interval_data_seconds += seconds
+    data_at_start: float = 0.0  # data_seconds when the interval began
 
 
 def train_one_epoch(r, epoch):
@@ -511,17 +491,11 @@ def train_one_epoch(r, epoch):
         if r.stop.requested():
             save(r, epoch, epoch_step + 1)
             bar.close()
-            raise Preempted(f"stopped by {r.stop.name} at step {r.step} (epoch {epoch + 1}); wrote {r.ckpt_path}. "
-                            f"{continue_hint(r)}", r.stop.name)
+            raise Preempted(r.stop.name, f"at step {r.step} (epoch {epoch + 1})", r.ckpt_path, args.output_dir)
         if args.save_every_steps and r.step % args.save_every_steps == 0 and not last:
             save(r, epoch, epoch_step + 1)
     bar.close()
     return epoch_row(r, epoch, first_step, meter)
-
-
-def continue_hint(r):
-    code = EXIT_INTERRUPTED if r.stop.name == "SIGINT" else EXIT_PREEMPTED
-    return f"Continue with the same command and --resume auto --output-dir {r.args.output_dir} (exit code {code})."
 
 
 def forward_backward(r, batches, meter):
@@ -532,7 +506,7 @@ def forward_backward(r, batches, meter):
     for micro in range(args.accum_steps):
         wait_start = time.perf_counter()
         images, labels = next(batches)
-        meter.waited(time.perf_counter() - wait_start)
+        meter.data_seconds += time.perf_counter() - wait_start
         images, targets = augment_batch(r, images, labels, micro)
         last = micro == args.accum_steps - 1
         with contextlib.nullcontext() if r.env.world_size == 1 or last else r.train_model.no_sync():
@@ -562,17 +536,16 @@ def report_interval(r, meter, bar, epoch, epoch_step, lr):
     elapsed = max(now - meter.interval_start, 1e-9)
     loss = (r.loss_sum - meter.loss_at_start).item() / meter.steps
     rate = meter.steps * r.global_batch / elapsed
-    data_share = 100 * meter.interval_data_seconds / elapsed
+    data_share = 100 * (meter.data_seconds - meter.data_at_start) / elapsed
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", data=f"{data_share:.0f}%")
     if not r.interactive:  # log files get one plain line per interval instead of a bar
         eta = (r.steps_per_epoch - epoch_step - 1) * r.global_batch / rate
         log(r.env, f"epoch {epoch + 1}/{r.args.epochs} step {epoch_step + 1}/{r.steps_per_epoch} loss {loss:.4f} "
                    f"lr {lr:.4g} {rate:.1f} img/s data {data_share:.0f}% epoch eta {eta / 60:.1f} min")
     if r.tensorboard:
-        r.tensorboard.add("train", {"loss": loss, "lr": lr, "images_per_sec": rate, "data_percent": data_share},
-                          r.step)
-    meter.interval_start, meter.loss_at_start, meter.steps, meter.interval_data_seconds = \
-        now, r.loss_sum.clone(), 0, 0.0
+        r.tensorboard.add("train", {"loss": loss, "lr": lr, "images_per_sec": rate, "data_percent": data_share}, r.step)
+    meter.interval_start, meter.loss_at_start, meter.steps, meter.data_at_start = \
+        now, r.loss_sum.clone(), 0, meter.data_seconds
 
 
 def epoch_row(r, epoch, first_step, meter):
@@ -650,8 +623,7 @@ def evaluate_and_save(r, epoch, row):
         r.tensorboard.add("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
     log(env, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if stopping:
-        raise Preempted(f"stopped by {r.stop.name} after epoch {epoch + 1}; wrote {r.ckpt_path}. "
-                        f"{continue_hint(r)}", r.stop.name)
+        raise Preempted(r.stop.name, f"after epoch {epoch + 1}", r.ckpt_path, args.output_dir)
 
 
 def check_finite(r):
