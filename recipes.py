@@ -43,7 +43,7 @@ RECIPES = {
                        augment="autoaugment", no_bn_weight_decay=True)},  # TF's L2 term skips batch_normalization/*
     "timm-ra": {
         "source": "pytorch-image-models hfdocs training_hparam_examples, EfficientNet-B0 with RandAugment, 77.7 % "
-                  "(lr .048 at 2 x 384 = 768 images -> 0.256 per 4096; warmup: train.py's default of 3 epochs)",
+                  "(lr .048 at 2 x 384 = 768 images -> 0.256 per 4096; warmup: timm's train.py default, 3 epochs)",
         "values": dict(SEED, opt="rmsproptf", lr=0.048 * 4096 / 768, sched="step", decay_epochs=2.4, decay_rate=0.97,
                        warmup_epochs=3, warmup_lr=1e-6 * 4096 / 768, epochs=450, weight_decay=1e-5, ema_decay=0.9999,
                        no_bn_weight_decay=True,  # timm's optimizer factory skips 1-d parameters by default
