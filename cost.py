@@ -25,9 +25,8 @@ def fits(model, batch, args, device, amp_dtype):
     """Whether one micro-batch of `batch` random images goes forward and backward through `model` (the
     unwrapped one: no collective, so that a rank which runs out of memory cannot hang the others)."""
     size = args.train_size or args.image_size  # the train crop (the largest with --progressive-resize)
-    images = torch.randn(batch, 3, size, size, device=device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(args.num_classes, (batch,), device=device)
     model.train()
     try:
@@ -121,7 +120,6 @@ def slowest(figures, env):
 
 
 def peak_memory_mb(device):
-    """The device's peak allocation (CUDA), or this process's peak resident size (CPU)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -144,7 +142,6 @@ def project(m, args, env, steps_per_epoch, val_images, epochs_left, start_epoch)
 
 
 def report(figures, args, env, steps, say):
-    """A few lines for people, then one JSON line with the same figures."""
     f = figures
     say(f"dry run: {steps} steps of {args.arch} at {args.train_size or args.image_size}px, batch {args.batch_size} x "
         f"{env.world_size} process(es) x {args.accum_steps} accumulation, amp {args.amp}, {args.workers} worker(s)")

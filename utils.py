@@ -232,7 +232,6 @@ def lock_run_dir(folder):
 
 
 def unlock_run_dir(handle):
-    """End the lock of lock_run_dir (None: nothing held) and remove the lock file."""
     if handle is not None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(handle.name)
@@ -304,7 +303,6 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
 # The commands after training (predict.py, average.py, export.py): their outputs and errors
 
 def same_file(a, b):
-    """Whether paths `a` and `b` name one file (links and other spellings included)."""
     try:
         return os.path.samefile(a, b)
     except OSError:
