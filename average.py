@@ -58,11 +58,9 @@ def averaged_paths(names):
 
 
 def average_checkpoints(paths):
-    """-> (the averaged checkpoint, the lines that say what was averaged: one per input, a summary).
-    Inputs must be train.py checkpoints of one model (arch, classes); they are read one at a time.
-    Tensor for tensor: floating-point ones the mean (float64 sums), integer buffers (BatchNorm's
-    num_batches_tracked) their largest value. The result holds the newest input's args and classes
-    and no optimizer state: evaluation and --weights take it, a training --resume refuses it."""
+    """-> (the averaged checkpoint, the lines that say what was averaged: one per input, a summary). Tensor for
+    tensor: floating-point ones the mean (float64 sums), integer buffers (BatchNorm's num_batches_tracked) their
+    largest value. The result holds the newest input's args and classes, and no optimizer state."""
     model_sums, ema_sums, sources, lines, first, newest, with_ema = {}, {}, [], [], None, None, 0
     for n, path in enumerate(paths, 1):
         checkpoint = utils.load_checkpoint(path, advice="average.py takes checkpoints of train.py")

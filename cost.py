@@ -1,4 +1,5 @@
 """What a run will cost, measured before it starts: train.py --dry-run's batch search, timings and projection."""
+import itertools
 import json
 import math
 import resource
@@ -21,13 +22,11 @@ def sync(device):
 
 
 def fits(model, batch, args, device, amp_dtype):
-    """Whether one micro-batch of `batch` random images goes forward and backward through `model`
-    (the unwrapped one: no collective, so that a rank which runs out of memory cannot hang the
-    others); gradients are dropped afterwards."""
+    """Whether one micro-batch of `batch` random images goes forward and backward through `model` (the
+    unwrapped one: no collective, so that a rank which runs out of memory cannot hang the others)."""
     size = args.train_size or args.image_size  # the train crop (the largest with --progressive-resize)
-    images = torch.randn(batch, 3, size, size, device=device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(args.num_classes, (batch,), device=device)
     model.train()
     try:
@@ -50,10 +49,7 @@ def largest_batch(fit, batch):
     fits, then bisect between it and the last that did not. 0 when not even 1 fits."""
     low, high = 0, batch  # low fits (0 trivially), high does not
     while high > 1 and low == 0:
-        if fit(high // 2):
-            low = high // 2
-        else:
-            high //= 2
+        low, high = (high // 2, high) if fit(high // 2) else (low, high // 2)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fit(middle) else (low, middle)
@@ -71,8 +67,7 @@ def batch_that_fits(model, args, env, amp_dtype):
     """None when --batch-size fits on every rank; else the one-line answer: the largest batch that
     fits, with and without --grad-checkpointing, and the --accum-steps that keep the global batch."""
     fit = lambda b: fits(model, b, args, env.device, amp_dtype)  # noqa: E731
-    ok = utils.all_reduce(torch.tensor(int(fit(args.batch_size)), device=env.device), env, op=dist.ReduceOp.MIN)
-    if ok.item():
+    if utils.all_reduce(torch.tensor(int(fit(args.batch_size)), device=env.device), env, op=dist.ReduceOp.MIN).item():
         return None
     answers, checkpointing = [], model.grad_checkpointing
     for enable in ((checkpointing,) if checkpointing else (False, True)):
@@ -80,8 +75,9 @@ def batch_that_fits(model, args, env, amp_dtype):
         found = largest_batch(fit, args.batch_size)
         found = int(utils.all_reduce(torch.tensor(found, device=env.device), env, op=dist.ReduceOp.MIN).item())
         how = "with --grad-checkpointing" if enable else "without --grad-checkpointing"
-        answers.append(f"{how} the largest that fits is {found} ({global_advice(found, args.batch_size, args.accum_steps)}"
-                       f" keeps the global batch)" if found else f"{how} not even a batch of 1 fits")
+        answers.append(f"{how} the largest that fits is {found} ("
+                       f"{global_advice(found, args.batch_size, args.accum_steps)} keeps the global batch)"
+                       if found else f"{how} not even a batch of 1 fits")
     model.set_grad_checkpointing(checkpointing)
     return (f"--batch-size {args.batch_size} does not fit in the {env.device.type} memory of a process (measured at "
             f"{args.train_size or args.image_size}px): " + "; ".join(answers))
@@ -91,18 +87,14 @@ def eval_timing(model, loader, amp_dtype, device, batches=EVAL_BATCHES):
     """(seconds to the first batch, seconds per later batch) of the forward passes over the first
     `batches` batches of `loader` (a slice of val)."""
     model.eval()
-    start = time.perf_counter()
-    first, count = None, 0
+    start, first, count = time.perf_counter(), None, 0
     with torch.no_grad():
-        for images, _ in loader:
+        for count, (images, _) in enumerate(itertools.islice(loader, batches), 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 model(images)
             sync(device)
-            count += 1
-            if first is None:
+            if count == 1:
                 first = time.perf_counter()
-            if count == batches:
-                break
     rest = (time.perf_counter() - first) / (count - 1) if count > 1 else first - start
     return first - start, rest
 
@@ -128,7 +120,6 @@ def slowest(figures, env):
 
 
 def peak_memory_mb(device):
-    """The device's peak allocation (CUDA), or this process's peak resident size (CPU)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -151,7 +142,6 @@ def project(m, args, env, steps_per_epoch, val_images, epochs_left, start_epoch)
 
 
 def report(figures, args, env, steps, say):
-    """A few lines for people, then one JSON line with the same figures."""
     f = figures
     say(f"dry run: {steps} steps of {args.arch} at {args.train_size or args.image_size}px, batch {args.batch_size} x "
         f"{env.world_size} process(es) x {args.accum_steps} accumulation, amp {args.amp}, {args.workers} worker(s)")

@@ -53,20 +53,19 @@ def export(args, given):
     utils.refuse_overwriting(path, [source], "export.py")
     model, names = load_model(args, given, torch.device("cpu"), print)
     size, g = args.image_size, torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=g)
+    samples = [torch.randn(1, 3, size, size, generator=g), torch.randn(3, 3, size, size, generator=g)]
     shapes = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    dynamic = {"batch": [1, MAX_BATCH], "height": size, "width": size}
     if size >= MIN_SIZE:
         shapes[2] = torch.export.Dim("height", min=MIN_SIZE, max=MAX_SIZE)
         shapes[3] = torch.export.Dim("width", min=MIN_SIZE, max=MAX_SIZE)
-    example = torch.randn(2, 3, size, size, generator=g)
-    samples = [torch.randn(1, 3, size, size, generator=g), torch.randn(3, 3, size, size, generator=g)]
-    if 2 in shapes:
+        dynamic.update(height=[MIN_SIZE, MAX_SIZE], width=[MIN_SIZE, MAX_SIZE])
         samples.append(torch.randn(2, 3, size + 17, size + 40, generator=g))
     with torch.no_grad():
         expected = [model(x) for x in samples]
     write = write_onnx if onnx else write_pt2
     weights_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    dynamic = {"batch": [1, MAX_BATCH], **({"height": [MIN_SIZE, MAX_SIZE], "width": [MIN_SIZE, MAX_SIZE]}
-                                          if 2 in shapes else {"height": size, "width": size})}
     with utils.writing(path):
         utils.write_atomic(path, lambda tmp: check_exported(write(model, example, shapes, tmp), samples,
                                                             expected, path), weights_bytes)

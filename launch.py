@@ -53,9 +53,8 @@ def init_distributed(timeout=datetime.timedelta(minutes=30)):
     if world_size == 1:
         return Dist(device=device)
     with _quiet_cpp_log():
-        store = _group_store(rank, world_size, timeout)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout,
-                                store=store, rank=rank, world_size=world_size)
+                                store=_group_store(rank, world_size, timeout), rank=rank, world_size=world_size)
         # Stop flags are agreed on every step; a gloo group keeps that off the GPU stream (no sync). On
         # the CPU no reference to the group: one held past exit aborts ~1 exit in 7 (SIGABRT, gloo's threads).
         control = dist.new_group(backend="gloo", timeout=timeout) if cuda else None

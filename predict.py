@@ -39,8 +39,7 @@ def main(argv=None):
 
 
 def predict(args, given):
-    """The --top-k classes of every file named, as CSV (stdout or FILE.csv) or JSON lines (FILE.jsonl).
-    A file that cannot be read or decoded gets its reason in `error`, and the others are predicted."""
+    """The --top-k classes of every file named, as CSV (stdout or FILE.csv) or JSON lines (FILE.jsonl)."""
     notes = sys.stdout if args.output else sys.stderr  # stdout carries the predictions alone
     source = check_source(args)
     if args.output and not args.output.lower().endswith((".csv", ".jsonl")):
@@ -57,13 +56,11 @@ def predict(args, given):
         print(f"note: --top-k {args.top_k}: the model has {args.num_classes} classes, so {k} per image", file=notes)
     start, errors = time.time(), {}
     rows = predict_files(model, files, names, k, args, device, errors)
+    out = io.StringIO() if args.output else sys.stdout  # a file is written whole, atomically, at the end
+    write_predictions(rows, k, out, jsonl=(args.output or "").lower().endswith(".jsonl"))
     if args.output:
-        text = io.StringIO()
-        write_predictions(rows, k, text, jsonl=args.output.lower().endswith(".jsonl"))
         with utils.writing(args.output):
-            utils.write_text(args.output, text.getvalue())
-    else:
-        write_predictions(rows, k, sys.stdout, jsonl=False)
+            utils.write_text(args.output, out.getvalue())
     seconds = time.time() - start
     print(f"predicted {len(files)} files ({len(errors)} could not be read or decoded) in {seconds:.1f} s "
           f"({len(files) / seconds:.1f} img/s) with EfficientNet-{args.arch} at {args.image_size} px (resize "
@@ -73,8 +70,7 @@ def predict(args, given):
 
 
 def check_source(args):
-    """The checks that read no file, before any work: the numbers given in range, and --checkpoint or
-    --weights (one of them), which this returns."""
+    """The checks that read no file, before any work; returns --checkpoint or --weights, the one given."""
     flags.check_values(args)
     if bool(args.checkpoint) == bool(args.weights):
         raise UsageError("give --checkpoint CKPT or --weights FILE, not both" if args.checkpoint else
@@ -143,9 +139,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def predict_files(model, files, names, k, args, device, errors):
-    """Yields (path, [(class name, probability), ...] best first, error or None) for each file, in
-    order: batches of args.batch_size decoded by args.workers loader processes, the model on
-    `device`. `errors` gets {file index: why it could not be used} as the batches leave the loader."""
+    """Yields (path, [(class name, probability), ...] best first, error or None) for each file, in order;
+    `errors` gets {file index: why it could not be used} as the batches leave the loader."""
     dataset = ImageFiles(files, ValTransform(args.image_size, args.val_resize, args.val_interpolation))
     batches = data.build_loader(dataset, None, args.batch_size, args.workers, train=False,
                                 pin_memory=device.type == "cuda")
@@ -163,8 +158,7 @@ def predict_files(model, files, names, k, args, device, errors):
 
 
 def set_aside_errors(batches, errors):
-    """(pixels, indices, reasons) batches -> (pixels, indices); the reasons of the files that could
-    not be used go into `errors` {index: reason}."""
+    """(pixels, indices, reasons) batches -> (pixels, indices); the reasons given go into `errors` {index: reason}."""
     for images, indices, reasons in batches:
         errors.update((i, reason) for i, reason in zip(indices.tolist(), reasons) if reason)
         yield images, indices

@@ -42,7 +42,6 @@ def all_reduce(tensor, env, op=dist.ReduceOp.SUM):
 
 
 def broadcast_object(obj, env):
-    """Rank 0's `obj` on every rank."""
     box = [obj]
     if env.world_size > 1:
         dist.broadcast_object_list(box, src=0)
@@ -50,7 +49,6 @@ def broadcast_object(obj, env):
 
 
 def gather_objects(obj, env):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
     out = [obj] * env.world_size
     if env.world_size > 1:
         dist.all_gather_object(out, obj)
@@ -125,7 +123,6 @@ def set_rng_state(state, device=torch.device("cpu")):
 # pasted efficientnet.py cannot use; so a temporary file, fsync and rename, here.
 
 def _fsync(path):
-    """Flush a file's or a folder's data to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -148,9 +145,8 @@ def _megabytes(size):
 
 
 def write_atomic(path, write, size=0):
-    """`write(tmp)` writes the file under a hidden name beside `path`; it is fsynced, renamed over `path`
-    and the folder fsynced, so a crash leaves the old file or the new one. When anything raises, the
-    temporary is removed, `path` left as it was; a full disk raises DiskFull naming the space needed (`size`)."""
+    """`write(tmp)` writes the file under a hidden name beside `path`: a crash leaves the old file or the new one, an
+    exception the old one and no temporary; a full disk raises DiskFull naming the space needed (`size`)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
@@ -176,7 +172,6 @@ def _tensor_bytes(obj):
 
 
 def save_atomic(state, path):
-    """torch.save(state, path) through write_atomic."""
     def save(tmp):
         with open(tmp, "wb") as f:  # a file object: a full disk comes up as its OSError (see _out_of_space)
             torch.save(state, f)
@@ -194,7 +189,6 @@ def copy_atomic(src, dst):
 
 
 def write_text(path, text):
-    """Rewrite `path` with `text`, atomically."""
     write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text), len(text.encode()))
 
 
@@ -214,7 +208,6 @@ def remove_stale_temporaries(folder):
 
 
 def existing_parent(path):
-    """`path` itself when it exists, else its nearest ancestor that does."""
     path = os.path.abspath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -239,7 +232,6 @@ def lock_run_dir(folder):
 
 
 def unlock_run_dir(handle):
-    """End the lock of lock_run_dir (None: nothing held) and remove the lock file."""
     if handle is not None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(handle.name)
@@ -251,9 +243,8 @@ READ_BACKOFF_SECONDS = 0.05  # doubled after each failed try: 0.05 + 0.1 + 0.2 s
 
 
 def read_retrying(read, what, fix, retries=None):
-    """read()'s bytes, tried again after an OSError, READ_ATTEMPTS times in all, then DataError naming
-    `what` and `fix`. `retries`: a multiprocessing.Value counting the retries of all loader workers
-    (torch's DataLoader passes nothing else back from them)."""
+    """read()'s bytes, tried READ_ATTEMPTS times. `retries`: a multiprocessing.Value counting the retries of all
+    loader workers (torch's DataLoader passes nothing else back from them)."""
     for attempt in range(READ_ATTEMPTS):
         try:
             return read()
@@ -267,7 +258,6 @@ def read_retrying(read, what, fix, retries=None):
 
 
 def read_file(path, retries=None):
-    """The bytes of the file `path`, read with retries (read_retrying)."""
     def read():
         with open(path, "rb") as f:
             return f.read()
@@ -275,8 +265,7 @@ def read_file(path, retries=None):
 
 
 def load_checkpoint(path, what="checkpoint", advice="resume from another one"):
-    """torch.load with weights_only=True; a missing, truncated or foreign file raises UsageError
-    (naming it as `what`, ending with `advice`)."""
+    """The dict in a torch.save file; a missing, truncated or foreign file raises UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path} does not exist")
     with open(path, "rb") as f:
@@ -314,7 +303,6 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
 # The commands after training (predict.py, average.py, export.py): their outputs and errors
 
 def same_file(a, b):
-    """Whether paths `a` and `b` name one file (links and other spellings included)."""
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -337,8 +325,7 @@ def refuse_overwriting(output, inputs, flag_name):
 
 
 def check_writable(path, flag_name="--output"):
-    """UsageError unless a command can write the file `path` (before any work): its folder exists and
-    this process may write there, and the path is not a folder or a broken link."""
+    """UsageError unless a command can write the file `path`, before any work."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
         problem = "is a folder" if os.path.isdir(path) else "is a broken link"
@@ -489,7 +476,6 @@ class TensorBoard:
         self.writer = SummaryWriter(folder)
 
     def add(self, group, figures, step):
-        """`figures` {name: number} as scalars `group/name` at `step`; non-numbers are skipped."""
         for name, value in figures.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{group}/{name}", value, step)
