@@ -65,10 +65,9 @@ def export(args, given):
     with torch.no_grad():
         expected = [model(x) for x in samples]
     write = write_onnx if onnx else write_pt2
-    weights_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     with utils.writing(path):
         utils.write_atomic(path, lambda tmp: check_exported(write(model, example, shapes, tmp), samples,
-                                                            expected, path), weights_bytes)
+                                                            expected, path), utils.tensor_bytes(model.state_dict()))
         utils.write_json(path + ".json", {
             "file": os.path.basename(path), "format": "onnx" if onnx else "torch.export (torch.export.load)",
             "from": source, "arch": args.arch, "num_classes": args.num_classes, "image_size": size,

@@ -32,7 +32,6 @@ class DataError(Exception):
     """A problem with the data itself (layout or file); the message names it and the fix."""
 
 
-# ---------------------------------------------------------------------------------------------
 # Collectives: `env` is launch.Dist (or anything with its world_size and device)
 
 def all_reduce(tensor, env, op=dist.ReduceOp.SUM):
@@ -88,7 +87,6 @@ def write_on_main(env, write, *args):
         raise DiskFull(problem)
 
 
-# ---------------------------------------------------------------------------------------------
 # Random state: every generator a run draws from, per rank
 
 def seed_everything(seed):
@@ -117,7 +115,6 @@ def set_rng_state(state, device=torch.device("cpu")):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# ---------------------------------------------------------------------------------------------
 # Files. torch.save writes in place (a crash or a full disk mid-write leaves a truncated last.pt),
 # and torch.distributed.checkpoint writes a folder of shards that torch.load cannot read and a
 # pasted efficientnet.py cannot use; so a temporary file, fsync and rename, here.
@@ -163,11 +160,11 @@ def write_atomic(path, write, size=0):
     _fsync(folder)
 
 
-def _tensor_bytes(obj):
+def tensor_bytes(obj):
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
+        return sum(tensor_bytes(v) for v in obj)
     return obj.nbytes if isinstance(obj, torch.Tensor) else 0
 
 
@@ -175,7 +172,7 @@ def save_atomic(state, path):
     def save(tmp):
         with open(tmp, "wb") as f:  # a file object: a full disk comes up as its OSError (see _out_of_space)
             torch.save(state, f)
-    write_atomic(path, save, _tensor_bytes(state))
+    write_atomic(path, save, tensor_bytes(state))
 
 
 def copy_atomic(src, dst):
@@ -299,7 +296,6 @@ def newest_good_checkpoint(folder, names=("last.pt", "best.pt")):
     return None, None, skipped
 
 
-# ---------------------------------------------------------------------------------------------
 # The commands after training (predict.py, average.py, export.py): their outputs and errors
 
 def same_file(a, b):
@@ -371,7 +367,6 @@ def run_command(work, output):
     return code
 
 
-# ---------------------------------------------------------------------------------------------
 # The training loop's helpers: preemption, non-finite steps, EMA, TensorBoard
 
 class StopSignal:
