@@ -38,6 +38,7 @@ def sample_key(item):
 
 
 def need(path, what, kind="folder", hint=""):
+    """DataError naming `path` as `what` (and the `hint`) unless it is a folder, or for kind "file" a regular file."""
     if not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
         problem = ("does not exist" if not os.path.exists(path) else "is a file, not a folder" if kind == "folder"
                    else "is a folder, not a file" if os.path.isdir(path) else "is not a regular file")
