@@ -275,7 +275,7 @@ def load_checkpoint(path, what="checkpoint", advice="resume from another one"):
         raise UsageError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}); {advice}") from None
     if not isinstance(state, dict):
-        raise UsageError(f"{path} is not a checkpoint or state dict (it holds a {type(state).__name__})")
+        raise UsageError(f"{what} {path} holds a {type(state).__name__}, not a checkpoint or state dict; {advice}")
     return state
 
 

@@ -185,6 +185,11 @@ def test_weights_that_are_not_a_torch_file(data_root, tmp_path, capsys):
     fails_with(capsys, quick(data_root, tmp_path / "out", "--weights", notes),
                f"--weights file {notes} is not a file that torch.save wrote; give a state dict saved by torch.save "
                f"(this repo's, torchvision's or timm's)")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)  # a torch file, but not a dict of tensors
+    fails_with(capsys, quick(data_root, tmp_path / "out", "--weights", listed),
+               f"--weights file {listed} holds a list, not a checkpoint or state dict; give a state dict saved by "
+               f"torch.save (this repo's, torchvision's or timm's)")
 
 
 @pytest.mark.quick
