@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import tarfile
@@ -365,7 +366,7 @@ def test_a_damaged_pack_json_gives_one_line_of_advice_not_a_recursion(pristine, 
     root, clean, files = pristine
     out = str(tmp_path / "pack")
     shutil.copytree(clean, out)
-    open(os.path.join(out, shards.PACK_HEAD), "w").write("{not json")  # repair() reads it for its advice
+    pathlib.Path(out, shards.PACK_HEAD).write_text("{not json")  # repair() reads it for its advice
     os.remove(os.path.join(out, shards.PACK_INDEX))
     repair = f"repair it with python prepare.py pack DATA {out} (DATA: the folder it was packed from) (it rewrites " \
              f"what is damaged)"
